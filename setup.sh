@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up python-lfads on a fresh machine:
+#   ./setup.sh          folders, .venv, the package and its dependencies, ./data seeded from ./eg_data
+#   ./setup.sh --dev    the same plus the test tools and the IBL stack the tests exercise
+#   ./setup.sh --ibl    the same plus the IBL stack (ONE-api, ibllib, iblatlas) for src/prep_data.py
+# Environment: PYTHON picks the interpreter (default python3, 3.10 or newer); TORCH_SPEC picks
+# the torch build to install when .venv has none (default: torch from PyPI, e.g. set
+# TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" for a CPU-only build).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+extras=()
+for arg in "$@"; do
+  case "$arg" in
+    --dev) extras+=(dev ibl) ;;
+    --ibl) extras+=(ibl) ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (use --dev, --ibl)" >&2; exit 2 ;;
+  esac
+done
+
+mkdir -p data results media
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+# torch first and on its own: a build already in .venv (CPU-only, or for a given CUDA) is kept
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  # shellcheck disable=SC2086  # TORCH_SPEC may hold several words (a version and an index)
+  .venv/bin/python -m pip install ${TORCH_SPEC:-torch}
+fi
+spec="."
+if [ ${#extras[@]} -gt 0 ]; then
+  spec=".[$(IFS=,; echo "${extras[*]}")]"
+fi
+.venv/bin/python -m pip install -e "$spec"
+
+# seed ./data with the synthetic example, never overwriting what is there
+if ! ls data/*.h5 >/dev/null 2>&1; then
+  cp eg_data/*.h5 data/
+  echo "seeded ./data with the synthetic example: $(ls data/*.h5)"
+fi
+echo "ready: .venv/bin/python -m src.main trains on ./data"

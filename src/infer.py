@@ -1,0 +1,51 @@
+"""Inference: rates, factors and inputs averaged over posterior samples, and lfads_output.h5."""
+
+import h5py
+import numpy as np
+import torch
+
+from src.utils import atomic_path
+
+# Output name -> attribute of src.model.Output; the keys of lfads_output.h5 (DESIGN.md section 3)
+FIELDS = {"rates": "log_rates", "factors": "factors", "gen_states": "gen_states",
+          "co_means": "co_mean", "ic_mean": "ic_mean", "ic_std": "ic_std"}
+
+
+@torch.no_grad()
+def posterior_average(model, encod, ext=None, n_samples: int = 50, batch_size: int = 256,
+                      device="cpu") -> dict:
+    """Average every output over `n_samples` posterior samples (0: use posterior means).
+
+    lfads-torch averages 50 samples; the mean of sampled rates differs from the rate of the
+    mean path because the map to rates is non-linear. Works batch by batch, so memory stays
+    flat however many trials the split has. Returns numpy arrays, rates as counts per bin.
+    """
+    model.eval()
+    sums = {k: [] for k in FIELDS}
+    for i in range(0, len(encod), batch_size):
+        x = encod[i : i + batch_size].to(device)
+        e = None if ext is None else ext[i : i + batch_size].to(device)
+        acc = {}
+        for _ in range(max(n_samples, 1)):
+            out = model(x, ext=e, sample=n_samples > 0)
+            for key, attr in FIELDS.items():
+                v = getattr(out, attr)
+                if v is None:
+                    continue
+                v = torch.exp(v) if key == "rates" else v
+                acc[key] = acc.get(key, 0) + v
+        for key, v in acc.items():
+            sums[key].append((v / max(n_samples, 1)).cpu().numpy())
+    return {k: np.concatenate(v) for k, v in sums.items() if v}
+
+
+def write_outputs(path: str, outputs: dict, n_samples: int) -> None:
+    """outputs: {split: {field: array}} -> keys '{split}_{field}', written atomically."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for split, fields in outputs.items():
+            for key, value in fields.items():
+                f.create_dataset(f"{split}_{key}", data=value.astype(np.float32),
+                                 compression="gzip")
+        f.attrs["averaging"] = "posterior_samples" if n_samples > 0 else "posterior_mean"
+        f.attrs["n_samples"] = n_samples
+        f.attrs["rates_unit"] = "expected spike count per bin"

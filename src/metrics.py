@@ -1,0 +1,51 @@
+"""How good are the rates? Bits per spike (NLB) and R2 against ground truth.
+
+All functions take numpy arrays of shape (trials, T, N): `rates` are expected counts per bin.
+"""
+
+import numpy as np
+
+
+def poisson_ll(counts, rates):
+    """Poisson log-likelihood summed over all elements, without the log k! term (it cancels
+    in every difference we take). 0 * log 0 counts as 0, so a zero rate is allowed where the
+    count is zero."""
+    counts, rates = np.asarray(counts, np.float64), np.asarray(rates, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k_log_r = np.where(counts > 0, counts * np.log(rates), 0.0)
+    return float(k_log_r.sum() - rates.sum())
+
+
+def bits_per_spike(rates, counts):
+    """(LL_model - LL_null) / (spikes * ln 2), the null model being each neuron's mean count
+    over all trials and bins evaluated (the NLB definition, Pei et al. 2021)."""
+    counts = np.asarray(counts, np.float64)
+    n_spikes = counts.sum()
+    if n_spikes == 0:
+        return float("nan")
+    null = np.broadcast_to(counts.mean(axis=(0, 1), keepdims=True), counts.shape)
+    return (poisson_ll(counts, rates) - poisson_ll(counts, null)) / (n_spikes * np.log(2))
+
+
+def region_bps(rates, counts, n_in: int, t_enc: int) -> dict:
+    """bps: held-in neurons over encoder bins; co_bps: held-out neurons over encoder bins;
+    fp_bps: every neuron over the forward-prediction bins. Absent regions are left out."""
+    out = {"bps": bits_per_spike(rates[:, :t_enc, :n_in], counts[:, :t_enc, :n_in])}
+    if counts.shape[2] > n_in:
+        out["co_bps"] = bits_per_spike(rates[:, :t_enc, n_in:], counts[:, :t_enc, n_in:])
+    if counts.shape[1] > t_enc:
+        out["fp_bps"] = bits_per_spike(rates[:, t_enc:], counts[:, t_enc:])
+    return out
+
+
+def r2(pred, truth) -> tuple[float, float]:
+    """R2 of predicted against true rates, per neuron over trials x bins.
+
+    Returns (mean over neurons, pooled). The mean is lfads-torch's definition; the pooled
+    value, 1 - total squared error / total variance, is not swung by a nearly untuned neuron.
+    """
+    pred = np.asarray(pred, np.float64).reshape(-1, pred.shape[-1])  # (trials*T, N)
+    truth = np.asarray(truth, np.float64).reshape(-1, truth.shape[-1])
+    sse = ((pred - truth) ** 2).sum(0)  # (N,)
+    sst = ((truth - truth.mean(0)) ** 2).sum(0)  # (N,)
+    return float(np.mean(1 - sse / sst)), float(1 - sse.sum() / sst.sum())

@@ -1,0 +1,309 @@
+"""LFADS: latent factor analysis via dynamical systems, in one file.
+
+Sussillo et al. 2016 (arXiv:1608.06315) and Pandarinath et al. 2018 (Nature Methods 15:805).
+A sequential variational auto-encoder for spike trains: encoders read a trial of spike counts
+and infer an initial condition for a generator RNN (and, through a controller, small inputs
+to it over time); the generator's state is read out as a few factors, and the factors as a
+Poisson rate for every neuron in every bin.
+
+Legend, used in every shape comment:
+    B trials in a batch       T_enc bins the encoders see   T_rec >= T_enc bins reconstructed
+    N_in held-in neurons      N >= N_in neurons reconstructed (held-out columns last)
+    E external inputs         H a GRU's hidden units       F factors    U inferred inputs
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class LFADSConfig:
+    # data sizes: filled in from the session file (src/data.py), not set by hand
+    n_in: int = 0  # N_in, held-in neurons the encoders read
+    n_out: int = 0  # N, neurons reconstructed: held-in first, then held-out
+    t_enc: int = 0  # T_enc, bins the encoders read
+    t_rec: int = 0  # T_rec, bins reconstructed; the last T_rec - T_enc are forward prediction
+    ext_dim: int = 0  # E, known external inputs to the generator
+    # network sizes; lfads-torch's NLB MC_Maze values in brackets
+    ic_enc_dim: int = 64  # units per direction of the initial-condition encoder GRU [64]
+    ci_enc_dim: int = 64  # units per direction of the controller-input encoder GRU [64]
+    con_dim: int = 64  # controller GRU units [64]
+    co_dim: int = 4  # U, inferred input dimensions; 0 = autonomous generator, no controller [4]
+    ic_dim: int = 64  # initial-condition latent dimensions [64]
+    gen_dim: int = 200  # generator GRU units [200]
+    fac_dim: int = 100  # F, factors [100]
+    ci_lag: int = 1  # bins: the controller sees the data at t only through t-lag and t+lag [1]
+    # regularisation
+    dropout: float = 0.3  # probability, on encoder input, IC encoding, controller input, factors
+    cd_rate: float = 0.3  # coordinated dropout: share of input elements hidden per step [0.3]
+    ic_prior_var: float = 0.1  # fixed variance of the IC prior N(learnable mean, var) [0.1]
+    ic_post_var_min: float = 1e-4  # floor added to the IC posterior variance [1e-4]
+    co_post_var_min: float = 1e-4  # floor added to the inferred-input posterior variance
+    co_prior_tau: float = 10.0  # bins, initial time constant of the AR(1) input prior [10]
+    co_prior_var: float = 0.1  # initial stationary variance of the AR(1) input prior [0.1]
+    gen_clip: float = 5.0  # bound on generator states |g_t| (TF LFADS cell_clip_value: 5)
+    # loss weights; the reconstruction is in nats per trial (summed over bins and neurons)
+    kl_ic_scale: float = 1.0  # weight of the IC KL, nats per trial; 1 = the ELBO (TF LFADS)
+    kl_co_scale: float = 1.0  # weight of the inferred-input KL, nats per trial; 1 = the ELBO
+    l2_gen_scale: float = 2000.0  # times 0.5 * mean squared generator recurrent weight [TF: 2000]
+    l2_con_scale: float = 0.0  # same for the controller's recurrent weights [TF: 0]
+
+
+# -----------------------------------------------------------------------------
+# probability helpers
+
+
+def normal_logprob(x, mean, var):
+    return -0.5 * (LOG_2PI + torch.log(var) + (x - mean) ** 2 / var)
+
+
+def kl_normal(mean_q, var_q, mean_p, var_p):
+    """KL(N(mean_q, var_q) || N(mean_p, var_p)), elementwise, analytic."""
+    return 0.5 * (torch.log(var_p / var_q) + (var_q + (mean_q - mean_p) ** 2) / var_p - 1.0)
+
+
+def ar1_logprob(u, log_tau, log_var):
+    """log p(u) under independent AR(1) processes, one per input dimension; u: (B, T, U).
+
+    u_0 ~ N(0, var) at the stationary variance, u_t | u_{t-1} ~ N(a u_{t-1}, var (1 - a^2)),
+    a = exp(-1/tau): the prior of TF LFADS and lfads-torch, stationary at every step.
+    Returns (B,): summed over time and dimensions.
+    """
+    alpha, var = torch.exp(-torch.exp(-log_tau)), torch.exp(log_var)  # (U,), (U,)
+    lp0 = normal_logprob(u[:, 0], 0.0, var)  # (B, U)
+    lpt = normal_logprob(u[:, 1:], alpha * u[:, :-1], var * (1 - alpha**2))  # (B, T-1, U)
+    return lp0.sum(-1) + lpt.sum((1, 2))
+
+
+# -----------------------------------------------------------------------------
+# recurrent cells
+
+
+class GRUCell(nn.Module):
+    """A GRU step with the input projection done by the caller, for all steps at once.
+
+        r, z = sigmoid(W_ir x + b_ir + W_hr h + b_hr),  sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+        n    = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+        h'   = z * h + (1 - z) * n
+
+    This is torch.nn.GRU's (and cuDNN's) form, with the reset gate after the recurrent product;
+    TF LFADS and lfads-torch put it before (W_hn (r * h)). Both are GRUs (Cho et al. 2014
+    discuss both); we take torch's so that the fused bidirectional encoders and these
+    per-step cells are one and the same definition, tested against torch.nn.GRUCell, and so
+    that a step needs one matrix product instead of two.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        ref = nn.GRUCell(input_size, hidden_size)  # borrow torch's default initialisation
+        self.weight_ih, self.weight_hh = ref.weight_ih, ref.weight_hh  # (3H, in), (3H, H)
+        self.bias_ih, self.bias_hh = ref.bias_ih, ref.bias_hh  # (3H,), (3H,)
+        init_gate_bias(self.bias_ih, hidden_size)
+
+    def project(self, x):
+        return F.linear(x, self.weight_ih, self.bias_ih)  # (..., in) -> (..., 3H)
+
+    def forward(self, x_proj, h):
+        hh = torch.addmm(self.bias_hh, h, self.weight_hh.t())  # (B, 3H)
+        n_h = h.shape[1]
+        rz = torch.sigmoid(x_proj[:, : 2 * n_h] + hh[:, : 2 * n_h])
+        r, z = rz[:, :n_h], rz[:, n_h:]
+        n = torch.tanh(x_proj[:, 2 * n_h :] + r * hh[:, 2 * n_h :])
+        return n + z * (h - n)
+
+
+def init_gate_bias(bias, hidden_size):
+    # reset and update gates start at bias 1: the update gate then keeps most of the state
+    # (TF LFADS's forget bias of 1; lfads-torch sets both gates so)
+    with torch.no_grad():
+        bias[: 2 * hidden_size] = 1.0
+
+
+def bidirectional_gru(input_size: int, hidden_size: int) -> nn.GRU:
+    gru = nn.GRU(input_size, hidden_size, batch_first=True, bidirectional=True)
+    init_gate_bias(gru.bias_ih_l0, hidden_size)
+    init_gate_bias(gru.bias_ih_l0_reverse, hidden_size)
+    return gru
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class Output:
+    log_rates: torch.Tensor  # (B, T_rec, N), log expected counts per bin
+    factors: torch.Tensor  # (B, T_rec, F)
+    gen_states: torch.Tensor  # (B, T_rec, H_gen)
+    ic_mean: torch.Tensor  # (B, ic_dim)
+    ic_std: torch.Tensor  # (B, ic_dim)
+    co_mean: torch.Tensor | None  # (B, T_rec, U) inferred-input posterior means
+    co_std: torch.Tensor | None  # (B, T_rec, U)
+    u: torch.Tensor | None  # (B, T_rec, U) the inputs the generator received
+    losses: dict | None = None  # loss terms, nats per trial (see LFADS.losses)
+
+
+class LFADS(nn.Module):
+    def __init__(self, cfg: LFADSConfig):
+        super().__init__()
+        assert cfg.n_in > 0 and cfg.n_out >= cfg.n_in and cfg.t_rec >= cfg.t_enc > 0, cfg
+        self.cfg = cfg
+        self.drop = nn.Dropout(cfg.dropout)
+        # encoders: bidirectional GRUs over the held-in spike counts
+        self.ic_enc = bidirectional_gru(cfg.n_in, cfg.ic_enc_dim)
+        self.ic_post = nn.Linear(2 * cfg.ic_enc_dim, 2 * cfg.ic_dim)  # -> mean, log variance
+        if cfg.co_dim > 0:
+            self.ci_enc = bidirectional_gru(cfg.n_in, cfg.ci_enc_dim)
+            self.con = GRUCell(2 * cfg.ci_enc_dim + cfg.fac_dim, cfg.con_dim)
+            self.con_h0 = nn.Parameter(torch.zeros(cfg.con_dim))
+            self.co_post = nn.Linear(cfg.con_dim, 2 * cfg.co_dim)  # -> mean, log variance
+            # AR(1) prior on inferred inputs, learnable per dimension (lfads-torch MultiVariateAR1)
+            ones = torch.ones(cfg.co_dim)
+            self.co_prior_log_tau = nn.Parameter(ones * math.log(cfg.co_prior_tau))
+            self.co_prior_log_var = nn.Parameter(ones * math.log(cfg.co_prior_var))
+        # generator, factors, read-out
+        self.ic_to_g0 = nn.Linear(cfg.ic_dim, cfg.gen_dim)
+        self.gen = GRUCell(cfg.co_dim + cfg.ext_dim, cfg.gen_dim)
+        self.fac = nn.Linear(cfg.gen_dim, cfg.fac_dim, bias=False)
+        self.readout = nn.Linear(cfg.fac_dim, cfg.n_out)
+        self.ic_prior_mean = nn.Parameter(torch.zeros(cfg.ic_dim))
+
+    def init_readout_bias(self, mean_counts: torch.Tensor):
+        """Start each neuron's log rate at its mean count per bin: training skips a slow phase."""
+        with torch.no_grad():
+            self.readout.bias.copy_(torch.log(mean_counts.clamp_min(1e-3)))
+
+    # --- encoders ------------------------------------------------------------
+
+    def encode_ic(self, x):
+        _, h_n = self.ic_enc(x)  # h_n: (2, B, H_ic), final forward and backward states
+        h = self.drop(torch.cat([h_n[0], h_n[1]], dim=1))  # (B, 2 H_ic)
+        mean, logvar = self.ic_post(h).chunk(2, dim=1)  # (B, ic_dim) each
+        return mean, torch.sqrt(torch.exp(logvar) + self.cfg.ic_post_var_min)
+
+    def encode_ci(self, x):
+        """Controller inputs, (B, T_rec, 2 H_ci): the forward half delayed and the backward half
+        advanced by ci_lag, so the controller never reads bin t's own spikes at step t."""
+        cfg = self.cfg
+        out, _ = self.ci_enc(x)  # (B, T_enc, 2 H_ci)
+        fwd, bwd = out[..., : cfg.ci_enc_dim], out[..., cfg.ci_enc_dim :]
+        lag = cfg.ci_lag
+        if lag > 0:
+            fwd = F.pad(fwd, (0, 0, lag, 0))[:, :-lag]  # state of t - lag at t
+            bwd = F.pad(bwd, (0, 0, 0, lag))[:, lag:]  # state of t + lag at t
+        ci = torch.cat([fwd, bwd], dim=2)
+        return F.pad(ci, (0, 0, 0, cfg.t_rec - cfg.t_enc))  # zeros over forward-prediction bins
+
+    # --- generator and controller ------------------------------------------------
+
+    def generate(self, ic, ci, ext, sample: bool):
+        """Run controller and generator for T_rec steps from the IC sample."""
+        cfg = self.cfg
+        B, T, U = ic.shape[0], cfg.t_rec, cfg.co_dim
+        # a GRU state is a convex mix of the old state and a tanh in (-1, 1), so
+        # |g_t| <= max(|g_0|, 1): clipping g_0 once equals the references' clip at every step
+        g = self.ic_to_g0(ic).clamp(-cfg.gen_clip, cfg.gen_clip)  # (B, H_gen)
+        w_fac = F.normalize(self.fac.weight, dim=1)  # (F, H_gen): unit-norm rows, as in the refs
+        # dropout masks of every step drawn at once: one draw per step is slow on a CPU
+        keep_g = self.drop(g.new_ones(T + 1, B, cfg.gen_dim))  # (T_rec + 1, B, H_gen)
+        # input projections of every step in one product each, outside the time loop;
+        # unbind, not [:, t]: the backward of unbind is one stack, while each [:, t] would
+        # scatter its gradient into a zero tensor of the full (B, T, .) size: T^2 work
+        gen_w_u, gen_w_ext = self.gen.weight_ih.split([U, cfg.ext_dim], dim=1)
+        gen_in = self.gen.bias_ih.expand(B, T, -1)  # (B, T_rec, 3 H_gen)
+        if cfg.ext_dim:
+            gen_in = gen_in + F.linear(ext, gen_w_ext)
+        gen_in = gen_in.unbind(1)  # T_rec x (B, 3 H_gen)
+        if U:
+            con_w_ci, con_w_f = self.con.weight_ih.split([2 * cfg.ci_enc_dim, cfg.fac_dim], dim=1)
+            con_in = F.linear(self.drop(ci), con_w_ci, self.con.bias_ih)  # (B, T_rec, 3 H_con)
+            con_in = con_in.unbind(1)  # T_rec x (B, 3 H_con)
+            keep_f = self.drop(g.new_ones(T, B, cfg.fac_dim))  # (T_rec, B, F)
+            noise = torch.randn(T, B, U, device=g.device) if sample else g.new_zeros(T, B, U)
+            c = self.con_h0.expand(B, -1)  # (B, H_con)
+            f = F.linear(g * keep_g[0], w_fac)  # (B, F), f_0 from g_0
+        gens, facs, co_means, co_stds, us = [], [], [], [], []
+        for t in range(T):
+            x_gen = gen_in[t]
+            if U:  # the controller reads the data's encoding and the last factors
+                c = self.con(con_in[t] + F.linear(f * keep_f[t], con_w_f), c)  # (B, H_con)
+                mean, logvar = self.co_post(c).chunk(2, dim=1)  # (B, U) each
+                std = torch.sqrt(torch.exp(logvar) + cfg.co_post_var_min)
+                u = mean + std * noise[t]
+                x_gen = x_gen + F.linear(u, gen_w_u)
+                co_means.append(mean), co_stds.append(std), us.append(u)
+            g = self.gen(x_gen, g)
+            gens.append(g)
+            if U:
+                f = F.linear(g * keep_g[t + 1], w_fac)
+                facs.append(f)
+        stack = lambda xs: torch.stack(xs, dim=1) if xs else None  # noqa: E731  T x (B, D) -> (B, T, D)
+        gens = stack(gens)  # (B, T_rec, H_gen)
+        # without a controller nothing inside the loop needs the factors: one product for all
+        facs = stack(facs) if U else F.linear(gens * keep_g[1:].transpose(0, 1), w_fac)
+        return gens, facs, stack(co_means), stack(co_stds), stack(us)
+
+    # --- the whole pass ------------------------------------------------------------
+
+    def forward(self, encod, recon=None, ext=None, sample: bool = True) -> Output:
+        """encod: (B, T_enc, N_in) counts; recon: (B, T_rec, N) counts, for the loss; ext:
+        (B, T_rec, E). `sample` draws from the posteriors, else uses their means."""
+        cfg = self.cfg
+        x = encod.float()
+        cd_keep = None
+        if self.training and cfg.cd_rate > 0:
+            # coordinated dropout (Keshtkaran & Pandarinath 2019): hide a random share of the
+            # input and, in the loss below, learn only from what was hidden
+            cd_keep = torch.rand_like(x) >= cfg.cd_rate
+            x = x * cd_keep / (1 - cfg.cd_rate)
+        x = self.drop(x)
+        ic_mean, ic_std = self.encode_ic(x)
+        ic = ic_mean + ic_std * torch.randn_like(ic_std) if sample else ic_mean
+        ci = self.encode_ci(x) if cfg.co_dim else None
+        gens, facs, co_mean, co_std, u = self.generate(ic, ci, ext, sample)
+        out = Output(self.readout(facs), facs, gens, ic_mean, ic_std, co_mean, co_std, u)
+        if recon is not None:
+            out.losses = self.losses(out, recon, cd_keep)
+        return out
+
+    def losses(self, out: Output, recon, cd_keep=None) -> dict:
+        """Loss terms, each in nats per trial (mean over the batch) before any weight."""
+        cfg = self.cfg
+        k = recon.float()
+        nll = torch.exp(out.log_rates) - k * out.log_rates + torch.lgamma(k + 1)  # (B, T_rec, N)
+        if cd_keep is not None:
+            # gradient only through elements the encoders did not see; the value is unchanged.
+            # Held-out neurons and forward-prediction bins are never seen, so always count.
+            pad = (0, cfg.n_out - cfg.n_in, 0, cfg.t_rec - cfg.t_enc)
+            seen = F.pad(cd_keep.float(), pad) > 0  # (B, T_enc, N_in) -> (B, T_rec, N)
+            nll = torch.where(seen, nll.detach(), nll)
+        ic_var_p = torch.full_like(out.ic_mean, cfg.ic_prior_var)
+        kl_ic = kl_normal(out.ic_mean, out.ic_std**2, self.ic_prior_mean, ic_var_p).sum(1)
+        terms = {"recon": nll.sum((1, 2)).mean(), "kl_ic": kl_ic.mean()}
+        if cfg.co_dim:
+            # KL(q || AR1) estimated at the sampled path: the posterior of u_t depends on earlier
+            # samples through the factors, so the KL has no closed form (TF LFADS, lfads-torch).
+            # E_q[log q] is exact per step: minus the Gaussian entropy.
+            neg_entropy = -0.5 * (LOG_2PI + 1 + torch.log(out.co_std**2)).sum((1, 2))
+            log_p = ar1_logprob(out.u, self.co_prior_log_tau, self.co_prior_log_var)
+            terms["kl_co"] = (neg_entropy - log_p).mean()
+        else:
+            terms["kl_co"] = torch.zeros((), device=k.device)
+        # L2 on recurrent weights, in TF LFADS units: scale * 0.5 * mean square weight
+        l2 = cfg.l2_gen_scale * 0.5 * self.gen.weight_hh.pow(2).mean()
+        if cfg.co_dim and cfg.l2_con_scale:
+            l2 = l2 + cfg.l2_con_scale * 0.5 * self.con.weight_hh.pow(2).mean()
+        terms["l2"] = l2
+        return terms
+
+    def total_loss(self, terms: dict, kl_weight: float, l2_weight: float):
+        """The training objective: reconstruction + ramped, scaled KL + ramped L2."""
+        cfg = self.cfg
+        kl = cfg.kl_ic_scale * terms["kl_ic"] + cfg.kl_co_scale * terms["kl_co"]
+        return terms["recon"] + kl_weight * kl + l2_weight * terms["l2"]

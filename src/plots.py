@@ -1,0 +1,124 @@
+"""Figures of a run folder: training curves, spikes and rates, factors, inputs, truth."""
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from src.metrics import r2  # noqa: E402
+
+
+def save(fig, run_dir, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, name), dpi=110)
+    plt.close(fig)
+
+
+def curves(rows, run_dir):
+    """Every loss term, the ramps and learning rate, bits/spike and R2 over steps."""
+    step = np.array([r["step"] for r in rows])
+    col = lambda k: np.array([r.get(k, np.nan) for r in rows], float)  # noqa: E731
+    panels = [("reconstruction (nats/trial)", ["train_recon", "valid_recon"]),
+              ("KL (nats/trial)", ["train_kl_ic", "valid_kl_ic", "train_kl_co", "valid_kl_co"]),
+              ("L2 (weighted units)", ["train_l2"]),
+              ("ramps and lr / lr0", ["kl_weight", "l2_weight", "lr"]),
+              ("bits per spike (valid)", ["valid_bps", "valid_co_bps", "valid_fp_bps"]),
+              ("R2 of rates vs truth (valid)", ["valid_r2", "valid_r2_pooled", "valid_r2_heldout"])]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for k in keys:
+            y = col(k)
+            if k == "lr":
+                y = y / y[0]
+            if np.isfinite(y).any():
+                ax.plot(step, y, label=k)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    save(fig, run_dir, "curves.png")
+
+
+def spikes_and_rates(session, out, run_dir, trials=(0, 1, 2)):
+    """Measured counts next to inferred rates (and true rates) for a few valid trials."""
+    truth = session.valid.truth
+    cols = 3 if truth is not None else 2
+    fig, axes = plt.subplots(len(trials), cols, figsize=(4 * cols, 2.6 * len(trials)),
+                             squeeze=False)
+    n_in = session.train.encod.shape[2]
+    for i, tr in enumerate(trials):
+        panels = [("spike counts", session.valid.recon[tr].numpy()),
+                  ("LFADS rates", out["rates"][tr])]
+        if truth is not None:
+            panels.append(("true rates", truth[tr]))
+        vmax = np.percentile(out["rates"][tr], 99)
+        for ax, (title, img) in zip(axes[i], panels):
+            ax.imshow(img.T, aspect="auto", cmap="magma", vmin=0,
+                      vmax=vmax if title != "spike counts" else None, interpolation="nearest")
+            ax.axhline(n_in - 0.5, color="c", lw=0.8)  # held-out neurons below the line
+            ax.set_title(f"valid trial {tr}: {title}", fontsize=9)
+            ax.set_xlabel("bin")
+            ax.set_ylabel("neuron")
+    save(fig, run_dir, "rates.png")
+
+
+def factors(out, run_dir, n_trials=20):
+    """Factor trajectories projected on their top two principal components."""
+    fac = out["factors"][:n_trials]  # (trials, T, F)
+    flat = fac.reshape(-1, fac.shape[-1])
+    flat = flat - flat.mean(0)
+    _, _, vt = np.linalg.svd(flat, full_matrices=False)
+    pcs = (fac - fac.reshape(-1, fac.shape[-1]).mean(0)) @ vt[:2].T  # (trials, T, 2)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for tr in pcs:
+        axes[0].plot(tr[:, 0], tr[:, 1], lw=0.8)
+    axes[0].set(title="factors, PC1 vs PC2 (valid trials)", xlabel="PC1", ylabel="PC2")
+    axes[1].plot(out["factors"][0])
+    axes[1].set(title="factors of valid trial 0", xlabel="bin")
+    save(fig, run_dir, "factors.png")
+
+
+def inputs(out, run_dir, trials=(0, 1, 2, 3)):
+    if "co_means" not in out:
+        return
+    fig, axes = plt.subplots(1, len(trials), figsize=(3.3 * len(trials), 2.8), squeeze=False)
+    for ax, tr in zip(axes[0], trials):
+        ax.plot(out["co_means"][tr])
+        ax.set(title=f"inferred inputs, valid trial {tr}", xlabel="bin")
+    save(fig, run_dir, "inputs.png")
+
+
+def truth(session, out, run_dir, neurons=(0, 1, 2, -1)):
+    """Inferred against true rates: all elements, and example neurons over time."""
+    true, pred = session.valid.truth, out["rates"]
+    mean_r2, pooled = r2(pred, true)
+    fig, axes = plt.subplots(1, 1 + len(neurons), figsize=(3.4 * (1 + len(neurons)), 3.2))
+    idx = np.random.default_rng(0).choice(true.size, min(true.size, 20000), replace=False)
+    axes[0].scatter(true.flat[idx], pred.flat[idx], s=1, alpha=0.3)
+    lim = [0, np.percentile(true, 99.5)]
+    axes[0].plot(lim, lim, "k--", lw=0.8)
+    axes[0].set(xlim=lim, ylim=lim, xlabel="true rate (counts/bin)", ylabel="LFADS rate",
+                title=f"valid R2 {mean_r2:.3f} (pooled {pooled:.3f})")
+    n_in = session.train.encod.shape[2]
+    for ax, n in zip(axes[1:], neurons):
+        n = n % true.shape[2]
+        for tr, c in zip(range(3), ("C0", "C1", "C2")):
+            ax.plot(true[tr, :, n], c, lw=1.5, alpha=0.5)
+            ax.plot(pred[tr, :, n], c + "--", lw=1)
+        kind = "held-out" if n >= n_in else "held-in"
+        ax.set(title=f"neuron {n} ({kind}): true -, LFADS --", xlabel="bin")
+    save(fig, run_dir, "truth.png")
+
+
+def make_all(run_dir, session, rows, outputs):
+    valid = outputs["valid"]
+    if rows:
+        curves(rows, run_dir)
+    spikes_and_rates(session, valid, run_dir)
+    factors(valid, run_dir)
+    inputs(valid, run_dir)
+    if session.valid.truth is not None:
+        truth(session, valid, run_dir)

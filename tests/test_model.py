@@ -1,0 +1,187 @@
+"""The model's parts against trusted references: torch's GRU, Monte Carlo, direct densities."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from src.metrics import bits_per_spike, r2, region_bps
+from src.model import LFADS, GRUCell, LFADSConfig, ar1_logprob, kl_normal
+from src.trainer import ramp
+
+SIZES = dict(n_in=6, n_out=8, t_enc=10, t_rec=13)
+
+
+def small_model(**kw) -> LFADS:
+    torch.manual_seed(0)
+    cfg = dict(SIZES, ic_enc_dim=8, ci_enc_dim=8, con_dim=8, co_dim=2, ic_dim=4, gen_dim=16,
+               fac_dim=5)
+    cfg.update(kw)
+    return LFADS(LFADSConfig(**cfg))
+
+
+def counts(b, t, n, seed=0):
+    return torch.poisson(torch.full((b, t, n), 1.5), generator=torch.Generator().manual_seed(seed))
+
+
+def test_gru_cell_matches_torch():
+    torch.manual_seed(0)
+    ours, ref = GRUCell(5, 7), torch.nn.GRUCell(5, 7)
+    ref.load_state_dict(ours.state_dict())
+    x, h = torch.randn(3, 5), torch.randn(3, 7)
+    torch.testing.assert_close(ours(ours.project(x), h), ref(x, h))
+
+
+def test_gate_biases_start_at_one():
+    cell = GRUCell(5, 7)
+    assert torch.all(cell.bias_ih[:14] == 1.0)
+    assert not torch.all(cell.bias_ih[14:] == 1.0)
+
+
+def test_kl_normal_matches_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    mq, vq, mp, vp = torch.tensor(0.3), torch.tensor(0.5), torch.tensor(-0.2), torch.tensor(0.1)
+    x = mq + vq.sqrt() * torch.randn(2_000_000, generator=g, dtype=torch.float64)
+    log_q = torch.distributions.Normal(mq, vq.sqrt()).log_prob(x)
+    log_p = torch.distributions.Normal(mp, vp.sqrt()).log_prob(x)
+    mc = (log_q - log_p).mean()
+    assert abs(kl_normal(mq, vq, mp, vp).item() - mc.item()) < 0.01
+    assert kl_normal(mp, vp, mp, vp).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_ar1_logprob_matches_gaussian_with_ar1_covariance():
+    torch.manual_seed(0)
+    T, U = 12, 3
+    tau, var = torch.tensor([2.0, 5.0, 20.0]), torch.tensor([0.1, 0.5, 1.0])
+    u = torch.randn(4, T, U, dtype=torch.float64)
+    ours = ar1_logprob(u, tau.log().double(), var.log().double())
+    lags = (torch.arange(T)[:, None] - torch.arange(T)[None]).abs().double()
+    direct = 0
+    for d in range(U):
+        alpha = math.exp(-1 / tau[d].item())
+        cov = var[d].double() * alpha**lags  # stationary AR(1): var * alpha^|i - j|
+        mvn = torch.distributions.MultivariateNormal(torch.zeros(T, dtype=torch.float64), cov)
+        direct = direct + mvn.log_prob(u[:, :, d])
+    torch.testing.assert_close(ours, direct)
+
+
+def test_ramp_end_points():
+    assert ramp(0, 0, 100) == 0.0
+    assert ramp(50, 0, 100) == 0.5
+    assert ramp(100, 0, 100) == 1.0
+    assert ramp(10_000, 0, 100) == 1.0
+    assert ramp(99, 100, 50) == 0.0 and ramp(125, 100, 50) == 0.5
+    assert ramp(0, 0, 0) == 1.0
+
+
+def test_shapes_and_loss_terms():
+    m = small_model()
+    out = m(counts(5, 10, 6), counts(5, 13, 8))
+    assert out.log_rates.shape == (5, 13, 8)
+    assert out.factors.shape == (5, 13, 5) and out.gen_states.shape == (5, 13, 16)
+    assert out.co_mean.shape == (5, 13, 2) and out.ic_mean.shape == (5, 4)
+    assert set(out.losses) == {"recon", "kl_ic", "kl_co", "l2"}
+    assert all(torch.isfinite(v) for v in out.losses.values())
+
+
+def test_autonomous_model_and_external_inputs():
+    m = small_model(co_dim=0, ext_dim=3)
+    assert not hasattr(m, "con")
+    out = m(counts(4, 10, 6), counts(4, 13, 8), ext=torch.randn(4, 13, 3))
+    assert out.co_mean is None and out.log_rates.shape == (4, 13, 8)
+    out.losses["recon"].backward()
+    assert m.gen.weight_ih.grad.abs().sum() > 0  # the inputs reach the generator
+
+
+def test_factor_rows_have_unit_norm():
+    m = small_model(dropout=0.0).eval()
+    g = torch.randn(3, 16)
+    w = torch.nn.functional.normalize(m.fac.weight, dim=1)
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(5))
+    # the factors are the unit-norm read-out of the generator state
+    out = m(counts(3, 10, 6), sample=False)
+    torch.testing.assert_close(out.factors, out.gen_states @ w.T)
+    del g
+
+
+def test_controller_input_lag_hides_the_current_bin():
+    m = small_model(dropout=0.0, ci_lag=1).eval()
+    x = counts(2, 10, 6)
+    t = 4
+    y = x.clone()
+    y[:, t] += 3.0
+    ci_x, ci_y = m.encode_ci(x), m.encode_ci(y)
+    assert ci_x.shape == (2, 13, 16)
+    torch.testing.assert_close(ci_x[:, t], ci_y[:, t])  # bin t is invisible at step t
+    assert not torch.allclose(ci_x[:, t + 1], ci_y[:, t + 1])  # forward half sees it at t + 1
+    assert not torch.allclose(ci_x[:, t - 1], ci_y[:, t - 1])  # backward half at t - 1
+    assert torch.all(ci_x[:, 10:] == 0)  # nothing over the forward-prediction bins
+
+
+def test_generator_state_is_clipped():
+    m = small_model(gen_clip=0.5, dropout=0.0).eval()
+    with torch.no_grad():
+        m.ic_to_g0.bias.fill_(10.0)
+    out = m(counts(2, 10, 6), sample=False)
+    assert out.gen_states.abs().max() <= 1.0  # never above max(|g_0|, 1) for a GRU
+
+
+def test_coordinated_dropout_passes_gradient_only_through_hidden_elements():
+    m = small_model(dropout=0.0)
+    enc, rec = counts(3, 10, 6), counts(3, 13, 8, seed=1)
+    out = m(enc, sample=False)
+    log_rates = out.log_rates.detach().requires_grad_(True)
+    out.log_rates = log_rates
+    keep = torch.rand(3, 10, 6, generator=torch.Generator().manual_seed(0)) < 0.5
+    masked = m.losses(out, rec, cd_keep=keep)
+    plain = m.losses(out, rec)
+    torch.testing.assert_close(masked["recon"], plain["recon"])  # same value
+    (grad,) = torch.autograd.grad(masked["recon"], log_rates)
+    seen = torch.zeros(3, 13, 8, dtype=torch.bool)
+    seen[:, :10, :6] = keep
+    assert torch.all(grad[seen] == 0)
+    assert torch.all(grad[~seen] != 0)  # hidden, held-out and forward-prediction elements
+
+
+def test_coordinated_dropout_hides_input_in_training_only():
+    m = small_model(dropout=0.0, cd_rate=0.3)
+
+    def hidden_share():
+        enc = counts(50, 10, 6).requires_grad_(True)
+        m(enc, sample=False).ic_mean.sum().backward()
+        return (enc.grad == 0).float().mean().item()  # input the encoders never read
+
+    assert 0.25 < hidden_share() < 0.35
+    m.eval()
+    assert hidden_share() == 0.0
+
+
+def test_bits_per_spike_by_hand():
+    k = np.array([[[0.0, 2.0], [1.0, 0.0]]])  # (1 trial, 2 bins, 2 neurons)
+    lam = np.array([[[0.5, 1.5], [0.5, 0.5]]])
+    null = np.array([[[0.5, 1.0], [0.5, 1.0]]])  # each neuron's mean count
+    ll = lambda r: np.sum(k * np.log(r) - r)  # noqa: E731
+    expected = (ll(lam) - ll(null)) / (k.sum() * np.log(2))
+    assert bits_per_spike(lam, k) == pytest.approx(expected)
+    assert bits_per_spike(null, k) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bits_per_spike_rewards_the_truth():
+    rng = np.random.default_rng(0)
+    rates = rng.gamma(2.0, 0.5, size=(200, 10, 5))
+    k = rng.poisson(rates)
+    assert bits_per_spike(rates, k) > 0.1
+    assert bits_per_spike(rates[::-1], k) < 0  # wrong trials: worse than the null model
+    regions = region_bps(rates, k, n_in=3, t_enc=8)
+    assert set(regions) == {"bps", "co_bps", "fp_bps"}
+
+
+def test_r2_mean_and_pooled():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(20, 10, 4))
+    assert r2(truth, truth) == (1.0, 1.0)
+    mean, pooled = r2(truth + 0.1 * rng.normal(size=truth.shape), truth)
+    assert 0.95 < mean < 1 and 0.95 < pooled < 1
+    shifted = truth.mean((0, 1), keepdims=True) + 0 * truth
+    assert r2(shifted, truth)[0] == pytest.approx(0.0)

@@ -1,0 +1,89 @@
+"""Training end to end: the loss falls, the run folder is complete, the command line works."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import torch
+
+from src.main import main
+from tests.conftest import ROOT, TINY_MODEL
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_short_training_lowers_the_loss_and_writes_a_complete_run(tiny_h5, tmp_path):
+    results = tmp_path / "results"
+    argv = ["--data", str(tiny_h5), "--results-dir", str(results), "--run", "r",
+            "--max_steps", "60", "--eval_every", "20", "--lr", "0.01", *TINY_MODEL]
+    assert main(argv) == 0
+    run = results / "r"
+    for name in ("config.json", "metrics.csv", "ckpt_last.pt", "ckpt_best.pt",
+                 "lfads_output.h5", "summary.json", "curves.png", "rates.png", "factors.png",
+                 "inputs.png", "truth.png"):
+        assert (run / name).is_file(), name
+    rows = read_metrics(run)
+    assert [int(r["step"]) for r in rows] == [20, 40, 60]
+    assert float(rows[-1]["train_recon"]) < float(rows[0]["train_recon"])
+    for key in ("valid_bps", "valid_co_bps", "valid_fp_bps", "valid_r2", "valid_kl_co", "lr"):
+        assert key in rows[0], key
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["gen_dim"] == 32 and cfg["model"]["n_out"] == 12
+    ckpt = torch.load(run / "ckpt_last.pt", weights_only=False)
+    assert ckpt["step"] == 60 and {"model", "optimizer", "scheduler", "rng"} <= set(ckpt)
+    with h5py.File(run / "lfads_output.h5") as f:
+        n_valid = f["valid_rates"].shape[0]
+        assert f["valid_rates"].shape == (n_valid, 20, 12)
+        assert f["train_factors"].shape[1:] == (20, 8)
+        assert f["valid_co_means"].shape == (n_valid, 20, 2)
+        assert f["valid_ic_mean"].shape == f["valid_ic_std"].shape == (n_valid, 8)
+        assert f["valid_gen_states"].shape == (n_valid, 20, 32)
+        assert f.attrs["n_samples"] == 3 and f.attrs["averaging"] == "posterior_samples"
+        assert (f["valid_rates"][()] > 0).all()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 60 and "valid_co_bps" in summary and "valid_r2" in summary
+
+
+def run_cli(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "src.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_end_to_end(tiny_h5, tmp_path):
+    common = ["--data-dir", str(tiny_h5.parent), "--results-dir", "results", "--run", "cli",
+              "--eval_every", "5", "--no-plots", *TINY_MODEL]
+    p = run_cli("--max_steps", "5", *common, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "done: results/cli" in p.stdout and "valid_r2" in p.stdout
+    # the same run folder again: refused, with the way out named
+    p = run_cli("--max_steps", "5", *common, cwd=tmp_path)
+    assert p.returncode == 2 and "--resume results/cli" in p.stderr and "--overwrite" in p.stderr
+    # resumed, it continues from step 5 to step 10
+    p = run_cli("--resume", "results/cli", "--max_steps", "10", "--no-plots", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "resuming results/cli at step 5" in p.stdout
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "results/cli")] == [5, 10]
+
+
+def test_help_lists_every_field_with_its_default(tmp_path):
+    p = run_cli("--help", cwd=tmp_path)
+    assert p.returncode == 0
+    for flag in ("--gen_dim", "--co_dim", "--cd_rate", "--kl_steps", "--max_steps", "--ins"):
+        assert flag in p.stdout, flag
+    assert "(default: 200)" in p.stdout
+
+
+def test_bad_command_lines_are_refused_clearly(tiny_h5, tmp_path):
+    p = run_cli("--gen_dim", "many", cwd=tmp_path)
+    assert p.returncode == 2 and "--gen_dim" in p.stderr and "many" in p.stderr
+    p = run_cli("--no_such_field", "1", cwd=tmp_path)
+    assert p.returncode == 2 and "--no_such_field" in p.stderr
+    p = run_cli("--data-dir", str(tmp_path / "empty"), cwd=tmp_path)
+    assert p.returncode == 2 and "setup.sh" in p.stderr and "Traceback" not in p.stderr
