@@ -36,11 +36,12 @@ class LFADSConfig:
     con_dim: int = 64  # controller GRU units [64]
     co_dim: int = 4  # U, inferred input dimensions; 0 = autonomous generator, no controller [4]
     ic_dim: int = 64  # initial-condition latent dimensions [64]
-    gen_dim: int = 200  # generator GRU units [200]
-    fac_dim: int = 100  # F, factors [100]
+    gen_dim: int = 100  # generator GRU units [200]; 100 trains the quick start in minutes
+    fac_dim: int = 40  # F, factors [100]
     ci_lag: int = 1  # bins: the controller sees the data at t only through t-lag and t+lag [1]
     # regularisation
-    dropout: float = 0.3  # probability, on encoder input, IC encoding, controller input, factors
+    dropout: float = 0.1  # probability, on encoder input, IC encoding, controller input and
+    #                       the generator state read by the factors [0.3 for a large dataset]
     cd_rate: float = 0.3  # coordinated dropout: share of input elements hidden per step [0.3]
     ic_prior_var: float = 0.1  # fixed variance of the IC prior N(learnable mean, var) [0.1]
     ic_post_var_min: float = 1e-4  # floor added to the IC posterior variance [1e-4]

@@ -23,7 +23,7 @@ def curves(rows, run_dir):
     col = lambda k: np.array([r.get(k, np.nan) for r in rows], float)  # noqa: E731
     panels = [("reconstruction (nats/trial)", ["train_recon", "valid_recon"]),
               ("KL (nats/trial)", ["train_kl_ic", "valid_kl_ic", "train_kl_co", "valid_kl_co"]),
-              ("L2 (weighted units)", ["train_l2"]),
+              ("L2 penalty (nats/trial, before the ramp)", ["train_l2"]),
               ("ramps and lr / lr0", ["kl_weight", "l2_weight", "lr"]),
               ("bits per spike (valid)", ["valid_bps", "valid_co_bps", "valid_fp_bps"]),
               ("R2 of rates vs truth (valid)", ["valid_r2", "valid_r2_pooled", "valid_r2_heldout"])]
@@ -35,6 +35,8 @@ def curves(rows, run_dir):
                 y = y / y[0]
             if np.isfinite(y).any():
                 ax.plot(step, y, label=k)
+        if title.startswith("KL"):
+            ax.set_yscale("log")  # the inferred-input KL starts orders of magnitude higher
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         if ax.lines:

@@ -22,20 +22,21 @@ from src.utils import atomic_torch_save, atomic_write_text
 @dataclass
 class TrainConfig:
     batch_size: int = 128  # trials per step
-    lr: float = 4e-3  # Adam learning rate (lfads-torch MC_Maze: 4e-3; TF LFADS: 1e-2)
+    lr: float = 2e-3  # Adam learning rate (lfads-torch MC_Maze: 4e-3; TF LFADS: 1e-2); 4e-3
+    #                   was as good on the example data but noisier from one evaluation to the next
     adam_eps: float = 1e-8  # Adam epsilon (TF LFADS used 0.1 with its summed loss)
     weight_decay: float = 0.0  # AdamW decoupled weight decay, per step
     grad_clip: float = 200.0  # max global gradient norm (TF LFADS and lfads-torch: 200)
     lr_decay: float = 0.95  # factor on the learning rate when the training loss stalls (TF)
     lr_patience: int = 6  # evaluations without a lower training loss before a decay (TF: 6)
     lr_min: float = 1e-5  # the learning rate never decays below this
-    max_steps: int = 3000  # optimiser steps
+    max_steps: int = 1200  # optimiser steps
     max_minutes: float = 0.0  # stop early after this wall time; 0 = no limit
     eval_every: int = 100  # steps between validation, metrics rows and checkpoints
     kl_start: int = 0  # steps before the KL weight starts to grow
-    kl_steps: int = 1000  # steps over which the KL weight grows linearly from 0 to 1
+    kl_steps: int = 400  # steps over which the KL weight grows linearly from 0 to 1
     l2_start: int = 0  # steps before the L2 weight starts to grow
-    l2_steps: int = 1000  # steps over which the L2 weight grows linearly from 0 to 1
+    l2_steps: int = 400  # steps over which the L2 weight grows linearly from 0 to 1
     patience: int = 0  # stop after this many evaluations past the ramps without a better
     #                    validation reconstruction; 0 = never stop early
     n_samples: int = 50  # posterior samples averaged for lfads_output.h5; 0 = posterior means

@@ -96,13 +96,11 @@ def test_autonomous_model_and_external_inputs():
 
 def test_factor_rows_have_unit_norm():
     m = small_model(dropout=0.0).eval()
-    g = torch.randn(3, 16)
     w = torch.nn.functional.normalize(m.fac.weight, dim=1)
     torch.testing.assert_close(w.norm(dim=1), torch.ones(5))
     # the factors are the unit-norm read-out of the generator state
     out = m(counts(3, 10, 6), sample=False)
     torch.testing.assert_close(out.factors, out.gen_states @ w.T)
-    del g
 
 
 def test_controller_input_lag_hides_the_current_bin():

@@ -77,7 +77,7 @@ def test_help_lists_every_field_with_its_default(tmp_path):
     assert p.returncode == 0
     for flag in ("--gen_dim", "--co_dim", "--cd_rate", "--kl_steps", "--max_steps", "--ins"):
         assert flag in p.stdout, flag
-    assert "(default: 200)" in p.stdout
+    assert "(default: 100)" in p.stdout
 
 
 def test_bad_command_lines_are_refused_clearly(tiny_h5, tmp_path):
