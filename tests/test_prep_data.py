@@ -1,0 +1,345 @@
+"""src/prep_data.py against the real ONE-api, brainbox and iblatlas code, offline.
+
+A local ONE cache with real ALF names and layout is built once per module (src/ibl_fixture.py)
+with HOME in a temporary folder, since ONE writes under ~/.one and ~/Downloads. Expected values
+are computed independently: from the ALF files read with numpy/pandas, iblatlas's own region
+tree, and np.histogram per trial and unit.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import brainbox  # from ibllib; the IBL stack is a test dependency (./setup.sh --dev)
+import h5py
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from iblatlas.regions import BrainRegions
+from nbclient import NotebookClient
+from one.api import ONE
+
+from src import prep_data as prep
+from src.ibl_fixture import REVISION, SORTER, make_local_cache
+
+ROOT = Path(__file__).resolve().parent.parent
+EPHYS_TEST = Path(brainbox.__file__).parent / "tests" / "fixtures" / "ephys_test.p"
+# a model small enough to train for a few steps in seconds
+IBL_TINY_MODEL = ["--ic_enc_dim", "8", "--ci_enc_dim", "8", "--con_dim", "8", "--co_dim", "1",
+                  "--ic_dim", "4", "--gen_dim", "16", "--fac_dim", "4", "--batch_size", "16",
+                  "--n_samples", "2", "--threads", "1"]
+
+
+def histogram_counts(times, clusters, unit_ids, starts, n_bins, bin_size):
+    """The obvious, slow binning: one np.histogram per trial and unit."""
+    out = np.zeros((len(starts), n_bins, len(unit_ids)), dtype=np.int64)
+    by_unit = [times[clusters == u] for u in unit_ids]
+    for k, s in enumerate(starts):
+        edges = s + bin_size * np.arange(n_bins + 1)
+        for n, t in enumerate(by_unit):
+            out[k, :, n] = np.histogram(t, edges)[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ibl_home(tmp_path_factory):
+    """HOME in a temporary folder for the whole module; ONE's instance cache cleared after."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        ONE.cache_clear()
+        yield home
+        ONE.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def ibl_cache(ibl_home, tmp_path_factory):
+    return make_local_cache(tmp_path_factory.mktemp("one") / "cache")
+
+
+def run_prep(cache, out_dir, *args):
+    return prep.main(["--local", "--cache-dir", str(cache.cache_dir), "--out-dir", str(out_dir),
+                      "--regions", "MOs", "--min-trials", "20", *args])
+
+
+@pytest.fixture(scope="module")
+def ibl_prepared(ibl_cache, tmp_path_factory):
+    """The fixture cache prepared once with --regions MOs; the output folder."""
+    out = tmp_path_factory.mktemp("data")
+    assert run_prep(ibl_cache, out) == 0
+    return out
+
+
+def alf_dir(cache, role):
+    return cache.session_paths[role] / "alf" / cache.probes[role] / SORTER / f"#{REVISION}#"
+
+
+def session_dir(cache, role):
+    return cache.session_paths[role]
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+
+
+def test_anatomy_csv_is_the_exported_iblatlas_table(tmp_path):
+    fresh = tmp_path / "anatomy.csv"
+    prep.export_anatomy(fresh)
+    assert fresh.read_text() == prep.ANATOMY_CSV.read_text(), \
+        "media/anatomy.csv is stale: python -m src.prep_data --export-anatomy media/anatomy.csv"
+
+
+@pytest.mark.parametrize("acronyms", [["MOs"], ["MOs", "MOp"], ["CTX"], ["MOs5"]])
+def test_regions_include_all_descendants(acronyms):
+    br = BrainRegions()
+    ids = np.concatenate([br.descendants(br.acronym2id(a))["id"] for a in acronyms])
+    expected = np.unique(ids[ids > 0])
+    got = prep.region_ids(prep.load_anatomy(), acronyms)
+    np.testing.assert_array_equal(got, expected)
+    if acronyms == ["MOs"]:
+        assert set(br.id2acronym(got)) == {"MOs", "MOs1", "MOs2/3", "MOs5", "MOs6a", "MOs6b"}
+
+
+def test_unknown_region_is_refused_with_a_suggestion(capsys):
+    assert prep.main(["--regions", "MOss", "--local", "--cache-dir", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown acronym 'MOss'" in err and "MOs" in err
+
+
+def test_bad_window_is_refused(capsys):
+    assert prep.main(["--window", "-0.2", "0.805", "--bin-size", "0.01"]) == 2
+    assert "whole number" in capsys.readouterr().err
+
+
+def test_binning_matches_histograms_on_ibllib_spikes():
+    with open(EPHYS_TEST, "rb") as f:  # 120 s of real spikes shipped inside ibllib
+        d = pickle.load(f)
+    times, clusters = d["spike_times"], d["spike_clusters"]
+    rng = np.random.default_rng(1)
+    units = rng.choice(np.unique(clusters), 40, replace=False)  # scrambled column order
+    # overlapping windows, one before the first spike and one past the last
+    starts = np.r_[rng.uniform(0, 115, 30), -0.3, times[-1] - 0.1]
+    expected = histogram_counts(times, clusters, units, starts, 50, 0.01)
+    for spikes, cells in ((2_000_000, 4_000_000), (500, 4_000_000), (2_000_000, 10_000)):
+        got = prep.bin_spikes(times, clusters, units, starts, 50, 0.01, chunk_spikes=spikes,
+                              chunk_cells=cells)  # one chunk, many by spikes, many by cells
+        np.testing.assert_array_equal(got, expected)
+    assert expected.sum() > 1000  # the comparison covers real spikes
+
+
+def test_binning_unsorted_spikes():
+    rng = np.random.default_rng(2)
+    times = rng.uniform(0, 10, 5000)
+    clusters = rng.integers(0, 7, 5000)
+    got = prep.bin_spikes(times, clusters, [6, 2], [1.0, 4.5], 20, 0.05)
+    np.testing.assert_array_equal(got, histogram_counts(times, clusters, [6, 2], [1.0, 4.5],
+                                                        20, 0.05))
+
+
+def test_binning_memory_scales_with_spikes_not_recording_length():
+    # 3 million spikes of 300 units over 3 hours: dense binning at 10 ms would need
+    # 1.08e6 bins x 300 units (over 300 MB even as uint8)
+    rng = np.random.default_rng(3)
+    times = np.cumsum(rng.exponential(10_800 / 3e6, 3_000_000))
+    clusters = rng.integers(0, 300, times.size).astype(np.uint32)
+    starts = np.sort(rng.uniform(0, 10_700, 400))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    counts = prep.bin_spikes(times, clusters, np.arange(300), starts, 100, 0.01)
+    seconds = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert counts.shape == (400, 100, 300)
+    lo, hi = np.searchsorted(times, starts), np.searchsorted(times, starts + 1.0)
+    assert counts.sum() == (hi - lo).sum()  # every spike in a window counted once
+    assert peak < 80e6, f"binning peaked at {peak / 1e6:.0f} MB"  # the output is 24 MB
+    assert seconds < 5, f"binning took {seconds:.1f} s"
+
+
+def test_trial_filters_follow_the_bwm_rules():
+    cfg = prep.PrepConfig()
+    trials = pd.DataFrame({
+        "stimOn_times": [1.0, 2.0, 3.0, 4.0, 5.0, np.nan],
+        "firstMovement_times": [1.3, 2.05, 5.5, np.nan, 5.08, 6.3],
+        "feedback_times": [1.5, 2.5, 5.6, 4.8, 5.2, 6.5],
+        "choice": [1, -1, 1, 1, 1, 1], "feedbackType": [1, 1, -1, 1, 1, 1],
+        "probabilityLeft": [0.5] * 6})
+    # ok; reaction time 0.05 s; 2.5 s; NaN movement; exactly 0.08 s (kept); NaN stimulus
+    np.testing.assert_array_equal(prep.trial_mask(trials, cfg),
+                                  [True, False, False, False, True, False])
+    with pytest.raises(KeyError, match="feedbackType"):
+        prep.trial_mask(trials.drop(columns="feedbackType"), cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole run on the local ONE cache
+
+
+def test_manifest_records_every_insertion(ibl_prepared, ibl_cache):
+    m = pd.read_csv(ibl_prepared / "manifest.csv").set_index("pid")
+    assert list(m.columns) == prep.MANIFEST_FIELDS[1:]
+    status = {role: m.loc[pid, "status"] for role, pid in ibl_cache.pids.items()}
+    assert status == {"main": "ok", "few_units": "skipped", "no_spikes": "failed"}
+    assert "4 good units in MOs" in m.loc[ibl_cache.pids["few_units"], "reason"]
+    assert "no spikes" in m.loc[ibl_cache.pids["no_spikes"], "reason"]
+    assert sorted(p.name for p in ibl_prepared.iterdir()) == sorted(
+        ["manifest.csv", f"{ibl_cache.pids['main']}.h5"])  # no file for the others, no temp
+    assert m.loc[ibl_cache.pids["main"], "n_trials"] == ibl_cache.n_trials - 5
+    assert (m["settings"] == m["settings"].iloc[0]).all()
+
+
+def test_units_are_the_good_ones_in_the_regions_by_depth(ibl_prepared, ibl_cache):
+    alf = alf_dir(ibl_cache, "main")
+    label = pd.read_parquet(alf / "clusters.metrics.pqt")["label"].to_numpy()
+    channel_region = np.load(alf / "channels.brainLocationIds_ccf_2017.npy")
+    region = channel_region[np.load(alf / "clusters.channels.npy")]
+    depths = np.load(alf / "clusters.depths.npy")
+    uuids = pd.read_csv(alf / "clusters.uuids.csv")["uuids"].to_numpy()
+    br = BrainRegions()
+    mos = br.descendants(br.acronym2id("MOs"))["id"]
+    expected = np.flatnonzero((label == 1) & np.isin(region, mos))
+    with h5py.File(ibl_prepared / f"{ibl_cache.pids['main']}.h5", "r") as f:
+        ids = f["cluster_ids"][:]
+        n_in = int(f.attrs["n_heldin"])
+        acronyms = f["acronyms"][:].astype(str)
+        got_uuids = f["cluster_uuids"][:].astype(str)
+        got_depths = f["depths"][:]
+    assert sorted(ids) == sorted(expected) and len(ids) > 20
+    for part in (ids[:n_in], ids[n_in:]):  # held-in, then held-out, each by depth
+        assert np.all(np.diff(depths[part]) >= 0)
+    assert len(ids) - n_in == round(0.25 * len(ids))
+    np.testing.assert_array_equal(acronyms, br.id2acronym(region[ids]))
+    assert set(acronyms) <= {"MOs1", "MOs2/3", "MOs5", "MOs6a", "MOs6b"}
+    np.testing.assert_array_equal(got_uuids, uuids[ids])
+    np.testing.assert_allclose(got_depths, depths[ids])
+
+
+def test_counts_match_an_independent_binning(ibl_prepared, ibl_cache):
+    alf = alf_dir(ibl_cache, "main")
+    times = np.load(alf / "spikes.times.npy")
+    clusters = np.load(alf / "spikes.clusters.npy")
+    table = pd.read_parquet(session_dir(ibl_cache, "main") / "alf" / "_ibl_trials.table.pqt")
+    with h5py.File(ibl_prepared / f"{ibl_cache.pids['main']}.h5", "r") as f:
+        ids, n_in = f["cluster_ids"][:], int(f.attrs["n_heldin"])
+        bin_size, t_before = f.attrs["bin_size"], f.attrs["t_before"]
+        for split in ("train", "valid"):
+            rec, enc = f[f"{split}_recon_data"], f[f"{split}_encod_data"]
+            assert rec.dtype == np.uint8 and rec.compression == "gzip"
+            inds = f[f"{split}_inds"][:]
+            starts = table["stimOn_times"].to_numpy()[inds] - t_before
+            expected = histogram_counts(times, clusters, ids, starts, rec.shape[1], bin_size)
+            np.testing.assert_array_equal(rec[:], expected)
+            np.testing.assert_array_equal(enc[:], rec[:, :, :n_in])
+            assert expected.sum() > 500
+
+
+def test_trials_alignment_split_and_attributes(ibl_prepared, ibl_cache):
+    table = pd.read_parquet(session_dir(ibl_cache, "main") / "alf" / "_ibl_trials.table.pqt")
+    kept = sorted(set(range(ibl_cache.n_trials)) - set(ibl_cache.bad_trials))
+    with h5py.File(ibl_prepared / f"{ibl_cache.pids['main']}.h5", "r") as f:
+        a = dict(f.attrs)
+        train, valid = f["train_inds"][:], f["valid_inds"][:]
+        assert not set(train) & set(valid)
+        assert sorted(np.r_[train, valid]) == kept
+        assert len(valid) == round(0.2 * len(kept))
+        np.testing.assert_array_equal(f["trials_kept"][:], kept)
+        for col in ("stimOn_times", "firstMovement_times", "feedback_times", "choice",
+                    "contrastLeft", "contrastRight", "feedbackType", "probabilityLeft"):
+            np.testing.assert_array_equal(f[f"trials/{col}"][:], table[col].to_numpy())
+        assert f["train_recon_data"].shape[1] == 100  # (0.2 + 0.8) s / 10 ms
+    assert a["pid"] == ibl_cache.pids["main"] and a["eid"] == ibl_cache.eids["main"]
+    assert a["probe"] == "probe00" and a["revision"] == "2024-05-06"
+    assert a["align_event"] == "stimOn_times" and a["collection"] == "alf/probe00/iblsorter"
+    assert (a["t_before"], a["t_after"], a["bin_size"]) == (0.2, 0.8, 0.01)
+    assert a["settings_hash"] == prep.PrepConfig(regions=("MOs",), min_trials=20).settings_hash()
+    assert a["session_ref"] == "2024-01-15_1_FX001"
+
+
+def test_rerun_skips_what_is_done_and_retries_failures(ibl_prepared, ibl_cache, monkeypatch):
+    path = ibl_prepared / f"{ibl_cache.pids['main']}.h5"
+    before = path.stat().st_mtime_ns
+    called = []
+    real = prep.prepare
+    monkeypatch.setattr(prep, "prepare", lambda one, ins, *a: called.append(ins["pid"])
+                        or real(one, ins, *a))
+    assert run_prep(ibl_cache, ibl_prepared) == 0
+    assert called == [ibl_cache.pids["no_spikes"]]  # only the failure is tried again
+    assert path.stat().st_mtime_ns == before
+    m = pd.read_csv(ibl_prepared / "manifest.csv").set_index("pid")
+    assert m.loc[ibl_cache.pids["few_units"], "status"] == "skipped"
+
+
+def test_new_settings_replace_the_file(ibl_cache, tmp_path):
+    pid = ibl_cache.pids["main"]
+    assert run_prep(ibl_cache, tmp_path, "--pids", pid) == 0
+    assert run_prep(ibl_cache, tmp_path, "--pids", pid, "--bin-size", "0.02",
+                    "--window", "-0.1", "0.5") == 0
+    with h5py.File(tmp_path / f"{pid}.h5", "r") as f:
+        assert f["train_recon_data"].shape[1] == 30 and f.attrs["bin_size"] == 0.02
+        assert f.attrs["settings_hash"] == prep.PrepConfig(
+            regions=("MOs",), min_trials=20, bin_size=0.02, t_before=0.1, t_after=0.5
+        ).settings_hash()
+    m = pd.read_csv(tmp_path / "manifest.csv")
+    assert list(m["pid"]) == [pid] and m["status"][0] == "ok"
+
+
+def test_too_few_trials_is_skipped(ibl_cache, tmp_path):
+    pid = ibl_cache.pids["main"]
+    assert run_prep(ibl_cache, tmp_path, "--pids", pid, "--min-trials", "56") == 0
+    m = pd.read_csv(tmp_path / "manifest.csv")
+    assert m["status"][0] == "skipped" and "55 of 60 trials" in m["reason"][0]
+    assert not (tmp_path / f"{pid}.h5").exists()
+
+
+def test_interrupted_write_leaves_no_file(ibl_cache, tmp_path, monkeypatch):
+    def ctrl_c(*args, **kwargs):  # Ctrl-C after the count arrays are written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(h5py.Group, "create_group", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_prep(ibl_cache, tmp_path, "--pids", ibl_cache.pids["main"])
+    assert os.listdir(tmp_path) == []  # no file, no temporary, no manifest row
+
+
+# ---------------------------------------------------------------------------------------------
+# downstream: training, and the tutorial
+
+
+@pytest.fixture(scope="module")
+def ibl_trained_run(ibl_prepared, ibl_cache, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    cmd = [sys.executable, "-m", "src.main", "--data-dir", str(ibl_prepared),
+           "--ins", ibl_cache.pids["main"], "--max_steps", "4", "--results-dir", str(results),
+           "--run", "ibl", "--no-plots", *IBL_TINY_MODEL]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return results / "ibl"
+
+
+def test_prepared_file_trains(ibl_trained_run, ibl_prepared, ibl_cache):
+    with h5py.File(ibl_prepared / f"{ibl_cache.pids['main']}.h5", "r") as f:
+        shape = f["valid_recon_data"].shape
+    with h5py.File(ibl_trained_run / "lfads_output.h5", "r") as o:
+        assert o["valid_rates"].shape == shape
+        assert np.isfinite(o["valid_rates"][:]).all()
+
+
+def test_data_demo_notebook_runs_offline(ibl_trained_run, ibl_home):
+    nb = nbformat.read(ROOT / "data_demo.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
+        "commit data_demo.ipynb with its outputs cleared"
+    env = {"LFADS_DEMO_OFFLINE": "1", "LFADS_DEMO_RUN": str(ibl_trained_run),
+           "HOME": str(ibl_home), "MPLBACKEND": "Agg"}
+    with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this environment
+        for k, v in env.items():
+            mp.setenv(k, v)
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "1 ok, 0 skipped, 0 failed" in text
+    assert "rates (" in text  # the trained run was found and drawn
