@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -19,11 +20,21 @@ import torch
 
 from src.data import DataError, find_session_files, load_session
 from src.infer import posterior_average, write_outputs
-from src.model import LFADSConfig
+from src.model import LFADS, LFADSConfig
 from src.trainer import TrainConfig, Trainer, rate_metrics, write_config
-from src.utils import atomic_write_text, pick_device, seed_everything
+from src.utils import (
+    atomic_write_text,
+    check_writable,
+    pick_device,
+    remove_stale_temps,
+    seed_everything,
+)
 
 DATA_SIZES = ("n_in", "n_out", "t_enc", "t_rec", "ext_dim")  # read from the file, not flags
+CKPT_KEYS = {"model", "optimizer", "scheduler", "step", "rng", "model_config", "train_config",
+             "session"}
+# what --overwrite deletes first: a stale best checkpoint would be exported as the new run's
+RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.csv", "summary.json", "lfads_output.h5")
 
 
 def parse_bool(s: str) -> bool:
@@ -63,20 +74,68 @@ def overrides(args, cls) -> dict:
             if f.name not in DATA_SIZES and getattr(args, f.name) is not None}
 
 
+def load_checkpoint(path: str) -> dict:
+    """Our own checkpoint file, or a DataError that names it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file
+    except Exception as e:  # truncated, not a torch file, or from an incompatible torch
+        raise DataError(f"{path}: not a readable checkpoint: {e}") from e
+    missing = CKPT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CKPT_KEYS
+    if missing:
+        raise DataError(f"{path}: not a checkpoint of this program (it has no "
+                        f"{', '.join(sorted(missing))})")
+    return ckpt
+
+
+def changes(old: dict, new) -> dict:
+    """{field: (old, new)} for the fields of dataclass `new` that differ from `old`."""
+    return {k: (old.get(k), v) for k, v in dataclasses.asdict(new).items() if old.get(k) != v}
+
+
+def fmt(diff: dict) -> str:
+    return ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+
+
+def writable(run_dir: str) -> None:
+    try:
+        check_writable(run_dir)
+    except OSError as e:
+        raise DataError(f"cannot write the run folder {run_dir} ({e.strerror or e}: "
+                        f"{e.filename or run_dir}); pick another place with --results-dir") from e
+
+
+def resume_run(args):
+    """Configs, data and checkpoint of the run in --resume, checked against each other."""
+    ckpt_path = os.path.join(args.resume, "ckpt_last.pt")
+    if not os.path.isfile(ckpt_path):
+        raise DataError(f"--resume {args.resume}: no checkpoint {ckpt_path}")
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        mcfg = LFADSConfig(**{**ckpt["model_config"], **overrides(args, LFADSConfig)})
+        tcfg = TrainConfig(**{**ckpt["train_config"], **overrides(args, TrainConfig)})
+    except TypeError as e:  # a field this version of the code does not have
+        raise DataError(f"{ckpt_path}: its configuration does not fit this version of the "
+                        f"code ({e})") from e
+    session = load_session(args.data or ckpt["session"])
+    differ = {k: (getattr(mcfg, k), v) for k, v in session.sizes.items() if getattr(mcfg, k) != v}
+    if differ:
+        raise DataError(f"{session.path} does not fit the checkpoint {ckpt_path}: " + ", ".join(
+            f"{k} {a} in the checkpoint, {b} in the data" for k, (a, b) in differ.items()))
+    saved = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+    if saved != {k: tuple(v.shape) for k, v in LFADS(mcfg).state_dict().items()}:
+        diff = changes(ckpt["model_config"], mcfg)
+        raise DataError(f"{ckpt_path}: its weights do not fit the model asked for" + (
+            f" ({fmt(diff)}): resume without those flags, or start a new run" if diff else
+            ": saved by another version of src/model.py?"))
+    writable(args.resume)
+    remove_stale_temps(args.resume)  # left by a kill during a save
+    return session, mcfg, tcfg, args.resume, ckpt
+
+
 def prepare_run(args):
     """Resolve configs, data and the run folder, new or resumed."""
     if args.resume:
-        ckpt_path = os.path.join(args.resume, "ckpt_last.pt")
-        if not os.path.isfile(ckpt_path):
-            raise DataError(f"--resume {args.resume}: no checkpoint {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        mcfg = LFADSConfig(**{**ckpt["model_config"], **overrides(args, LFADSConfig)})
-        tcfg = TrainConfig(**{**ckpt["train_config"], **overrides(args, TrainConfig)})
-        session = load_session(args.data or ckpt["session"])
-        if session.sizes != {k: getattr(mcfg, k) for k in DATA_SIZES}:
-            raise DataError(f"{session.path}: sizes {session.sizes} do not match the "
-                            f"checkpoint {ckpt_path}")
-        return session, mcfg, tcfg, args.resume, ckpt
+        return resume_run(args)
     files = find_session_files(args.data, args.ins, args.data_dir)
     if len(files) > 1:
         raise DataError(f"found {len(files)} session files ({', '.join(files)}); training on "
@@ -90,7 +149,10 @@ def prepare_run(args):
     if os.path.exists(run_dir) and os.listdir(run_dir) and not args.overwrite:
         raise DataError(f"run folder {run_dir} exists: continue it with --resume {run_dir}, or "
                         "replace it with --overwrite")
-    os.makedirs(run_dir, exist_ok=True)
+    writable(run_dir)
+    for name in RUN_FILES if args.overwrite else ():
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.remove(os.path.join(run_dir, name))
     return session, mcfg, tcfg, run_dir, None
 
 
@@ -110,6 +172,12 @@ def export(trainer, run_dir: str) -> dict:
     return outputs
 
 
+def last_checkpoint(trainer) -> str:
+    if trainer.last_saved is None:
+        return "no checkpoint was written yet"
+    return f"{trainer.run_dir}/ckpt_last.pt (step {trainer.last_saved}) is intact"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -124,13 +192,31 @@ def main(argv=None) -> int:
     trainer = Trainer(session, mcfg, tcfg, run_dir, device)
     if ckpt is not None:
         trainer.load_state(ckpt)
-        print(f"resuming {run_dir} at step {trainer.step}")
+        if trainer.rows:  # drop rows written after the checkpoint: the run goes on from there
+            trainer.write_metrics()
+        diff = changes(ckpt["model_config"], mcfg) | changes(ckpt["train_config"], tcfg)
+        print(f"resuming {run_dir} at step {trainer.step}" + (f" ({fmt(diff)})" if diff else ""))
     write_config(run_dir, mcfg, tcfg, session)
     print(f"training on {session.path}: {len(session.train)} train / {len(session.valid)} valid "
           f"trials, {mcfg.t_rec} bins of {session.bin_size * 1e3:g} ms, {mcfg.n_out} neurons "
           f"({mcfg.n_out - mcfg.n_in} held out); device {device}; run folder {run_dir}")
-    trainer.fit()
-    outputs = export(trainer, run_dir)
+    resume = f"python -m src.main --resume {shlex.quote(run_dir)}"
+    try:
+        why = trainer.fit()
+        outputs = export(trainer, run_dir) if why not in ("interrupted", "diverged") else None
+    except (OSError, KeyboardInterrupt) as e:  # a full disk; a second Ctrl-C during a save
+        print(f"error: {e or type(e).__name__} at step {trainer.step}; {last_checkpoint(trainer)}."
+              f" Continue with: {resume}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
+    if why == "interrupted":
+        print(f"interrupted at step {trainer.step}; continue with: {resume}", file=sys.stderr)
+        return 128 + trainer.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    if why == "diverged":
+        print(f"error: stopped at step {trainer.step}: {tcfg.max_bad_steps} steps in a row had a "
+              "non-finite loss or gradient. They were skipped, so the weights stay finite; "
+              f"{last_checkpoint(trainer)}. Lower --lr (now {trainer.opt.param_groups[0]['lr']:g})"
+              f" or check the data, then continue with: {resume} --lr <lower>", file=sys.stderr)
+        return 1
     summary = {"steps": trainer.step, "minutes": round(trainer.elapsed / 60, 2)}
     summary.update({f"valid_{k}": v for k, v in
                     rate_metrics(outputs["valid"]["rates"], session.valid, mcfg).items()})

@@ -43,6 +43,9 @@ class LFADSConfig:
     dropout: float = 0.1  # probability, on encoder input, IC encoding, controller input and
     #                       the generator state read by the factors [0.3 for a large dataset]
     cd_rate: float = 0.3  # coordinated dropout: share of input elements hidden per step [0.3]
+    sv_rate: float = 0.0  # sample validation: share of input elements held out of training by
+    #                       a fixed mask (src/trainer.py), their cost logged as recon_sv to see
+    #                       over-fitting without ground truth [lfads-torch on real data: ~0.1]
     ic_prior_var: float = 0.1  # fixed variance of the IC prior N(learnable mean, var) [0.1]
     ic_post_var_min: float = 1e-4  # floor added to the IC posterior variance [1e-4]
     co_post_var_min: float = 1e-4  # floor added to the inferred-input posterior variance
@@ -82,6 +85,13 @@ def ar1_logprob(u, log_tau, log_var):
     return lp0.sum(-1) + lpt.sum((1, 2))
 
 
+def log_factorial(k):
+    """log k! of integer-valued counts, through a table: lgamma over every element of a batch
+    costs more on a CPU than all the dropout masks of a step."""
+    table = torch.lgamma(torch.arange(int(k.max()) + 2, device=k.device, dtype=k.dtype))
+    return table[1:][k.long()]
+
+
 # -----------------------------------------------------------------------------
 # recurrent cells
 
@@ -112,10 +122,12 @@ class GRUCell(nn.Module):
 
     def forward(self, x_proj, h):
         hh = torch.addmm(self.bias_hh, h, self.weight_hh.t())  # (B, 3H)
-        n_h = h.shape[1]
-        rz = torch.sigmoid(x_proj[:, : 2 * n_h] + hh[:, : 2 * n_h])
-        r, z = rz[:, :n_h], rz[:, n_h:]
-        n = torch.tanh(x_proj[:, 2 * n_h :] + r * hh[:, 2 * n_h :])
+        # split, not slices: the backward of a split is one concatenation, while each slice
+        # would fill a zero tensor of the full size and copy its gradient into it
+        x_rz, x_n = x_proj.split([2 * h.shape[1], h.shape[1]], dim=1)  # (B, 2H), (B, H)
+        h_rz, h_n = hh.split([2 * h.shape[1], h.shape[1]], dim=1)
+        r, z = torch.sigmoid(x_rz + h_rz).chunk(2, dim=1)  # (B, H) each
+        n = torch.tanh(x_n + r * h_n)
         return n + z * (h - n)
 
 
@@ -155,7 +167,6 @@ class LFADS(nn.Module):
         super().__init__()
         assert cfg.n_in > 0 and cfg.n_out >= cfg.n_in and cfg.t_rec >= cfg.t_enc > 0, cfg
         self.cfg = cfg
-        self.drop = nn.Dropout(cfg.dropout)
         # encoders: bidirectional GRUs over the held-in spike counts
         self.ic_enc = bidirectional_gru(cfg.n_in, cfg.ic_enc_dim)
         self.ic_post = nn.Linear(2 * cfg.ic_enc_dim, 2 * cfg.ic_dim)  # -> mean, log variance
@@ -175,6 +186,20 @@ class LFADS(nn.Module):
         self.readout = nn.Linear(cfg.fac_dim, cfg.n_out)
         self.ic_prior_mean = nn.Parameter(torch.zeros(cfg.ic_dim))
 
+    def keep_mask(self, *shape, device=None) -> torch.Tensor:
+        """Dropout as a multiplier: 0 with probability p, else 1 / (1 - p); all ones in eval.
+
+        nn.Dropout draws Bernoulli samples, which on a CPU cost three times as much as the
+        uniform ones drawn here; masks for every time step are drawn at once for the same reason.
+        """
+        p = self.cfg.dropout
+        if not self.training or p == 0:
+            return torch.ones((), device=device).expand(shape)
+        return torch.rand(shape, device=device).ge_(p).mul_(1 / (1 - p))
+
+    def dropout(self, x):
+        return x * self.keep_mask(*x.shape, device=x.device)
+
     def init_readout_bias(self, mean_counts: torch.Tensor):
         """Start each neuron's log rate at its mean count per bin: training skips a slow phase."""
         with torch.no_grad():
@@ -184,7 +209,7 @@ class LFADS(nn.Module):
 
     def encode_ic(self, x):
         _, h_n = self.ic_enc(x)  # h_n: (2, B, H_ic), final forward and backward states
-        h = self.drop(torch.cat([h_n[0], h_n[1]], dim=1))  # (B, 2 H_ic)
+        h = self.dropout(torch.cat([h_n[0], h_n[1]], dim=1))  # (B, 2 H_ic)
         mean, logvar = self.ic_post(h).chunk(2, dim=1)  # (B, ic_dim) each
         return mean, torch.sqrt(torch.exp(logvar) + self.cfg.ic_post_var_min)
 
@@ -211,8 +236,7 @@ class LFADS(nn.Module):
         # |g_t| <= max(|g_0|, 1): clipping g_0 once equals the references' clip at every step
         g = self.ic_to_g0(ic).clamp(-cfg.gen_clip, cfg.gen_clip)  # (B, H_gen)
         w_fac = F.normalize(self.fac.weight, dim=1)  # (F, H_gen): unit-norm rows, as in the refs
-        # dropout masks of every step drawn at once: one draw per step is slow on a CPU
-        keep_g = self.drop(g.new_ones(T + 1, B, cfg.gen_dim))  # (T_rec + 1, B, H_gen)
+        keep_g = self.keep_mask(T + 1, B, cfg.gen_dim, device=g.device)  # (T_rec + 1, B, H_gen)
         # input projections of every step in one product each, outside the time loop;
         # unbind, not [:, t]: the backward of unbind is one stack, while each [:, t] would
         # scatter its gradient into a zero tensor of the full (B, T, .) size: T^2 work
@@ -223,9 +247,9 @@ class LFADS(nn.Module):
         gen_in = gen_in.unbind(1)  # T_rec x (B, 3 H_gen)
         if U:
             con_w_ci, con_w_f = self.con.weight_ih.split([2 * cfg.ci_enc_dim, cfg.fac_dim], dim=1)
-            con_in = F.linear(self.drop(ci), con_w_ci, self.con.bias_ih)  # (B, T_rec, 3 H_con)
+            con_in = F.linear(self.dropout(ci), con_w_ci, self.con.bias_ih)  # (B, T_rec, 3 H_con)
             con_in = con_in.unbind(1)  # T_rec x (B, 3 H_con)
-            keep_f = self.drop(g.new_ones(T, B, cfg.fac_dim))  # (T_rec, B, F)
+            keep_f = self.keep_mask(T, B, cfg.fac_dim, device=g.device)  # (T_rec, B, F)
             noise = torch.randn(T, B, U, device=g.device) if sample else g.new_zeros(T, B, U)
             c = self.con_h0.expand(B, -1)  # (B, H_con)
             f = F.linear(g * keep_g[0], w_fac)  # (B, F), f_0 from g_0
@@ -252,32 +276,45 @@ class LFADS(nn.Module):
 
     # --- the whole pass ------------------------------------------------------------
 
-    def forward(self, encod, recon=None, ext=None, sample: bool = True) -> Output:
+    def forward(self, encod, recon=None, ext=None, sample: bool = True, sv_mask=None) -> Output:
         """encod: (B, T_enc, N_in) counts; recon: (B, T_rec, N) counts, for the loss; ext:
-        (B, T_rec, E). `sample` draws from the posteriors, else uses their means."""
+        (B, T_rec, E). `sample` draws from the posteriors, else uses their means. sv_mask:
+        (B, T_enc, N_in) bool, True where an element is held out for sample validation."""
         cfg = self.cfg
         x = encod.float()
+        if sv_mask is not None:
+            # sample validation (lfads-torch): the encoders never see these elements; scaled
+            # like dropout so that the full input, unmasked after training, has the same mean
+            x = x * ~sv_mask / (1 - cfg.sv_rate)
         cd_keep = None
         if self.training and cfg.cd_rate > 0:
             # coordinated dropout (Keshtkaran & Pandarinath 2019): hide a random share of the
             # input and, in the loss below, learn only from what was hidden
             cd_keep = torch.rand_like(x) >= cfg.cd_rate
             x = x * cd_keep / (1 - cfg.cd_rate)
-        x = self.drop(x)
+        x = self.dropout(x)
         ic_mean, ic_std = self.encode_ic(x)
         ic = ic_mean + ic_std * torch.randn_like(ic_std) if sample else ic_mean
         ci = self.encode_ci(x) if cfg.co_dim else None
         gens, facs, co_mean, co_std, u = self.generate(ic, ci, ext, sample)
         out = Output(self.readout(facs), facs, gens, ic_mean, ic_std, co_mean, co_std, u)
         if recon is not None:
-            out.losses = self.losses(out, recon, cd_keep)
+            out.losses = self.losses(out, recon, cd_keep, sv_mask)
         return out
 
-    def losses(self, out: Output, recon, cd_keep=None) -> dict:
+    def losses(self, out: Output, recon, cd_keep=None, sv_mask=None) -> dict:
         """Loss terms, each in nats per trial (mean over the batch) before any weight."""
         cfg = self.cfg
         k = recon.float()
-        nll = torch.exp(out.log_rates) - k * out.log_rates + torch.lgamma(k + 1)  # (B, T_rec, N)
+        nll = torch.exp(out.log_rates) - k * out.log_rates + log_factorial(k)  # (B, T_rec, N)
+        terms = {}
+        if sv_mask is not None:
+            # held-out elements: their cost is logged but never trained on (detached, and
+            # zeroed in the reconstruction term); it rises when the model over-fits
+            pad = (0, cfg.n_out - cfg.n_in, 0, cfg.t_rec - cfg.t_enc)
+            sv = F.pad(sv_mask, pad)  # (B, T_enc, N_in) -> (B, T_rec, N)
+            terms["recon_sv"] = torch.where(sv, nll, 0.0).sum((1, 2)).mean().detach()
+            nll = torch.where(sv, 0.0, nll)
         if cd_keep is not None:
             # gradient only through elements the encoders did not see; the value is unchanged.
             # Held-out neurons and forward-prediction bins are never seen, so always count.
@@ -286,7 +323,7 @@ class LFADS(nn.Module):
             nll = torch.where(seen, nll.detach(), nll)
         ic_var_p = torch.full_like(out.ic_mean, cfg.ic_prior_var)
         kl_ic = kl_normal(out.ic_mean, out.ic_std**2, self.ic_prior_mean, ic_var_p).sum(1)
-        terms = {"recon": nll.sum((1, 2)).mean(), "kl_ic": kl_ic.mean()}
+        terms.update(recon=nll.sum((1, 2)).mean(), kl_ic=kl_ic.mean())
         if cfg.co_dim:
             # KL(q || AR1) estimated at the sampled path: the posterior of u_t depends on earlier
             # samples through the factors, so the KL has no closed form (TF LFADS, lfads-torch).

@@ -9,11 +9,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from src.metrics import r2  # noqa: E402
+from src.utils import atomic_path  # noqa: E402
 
 
 def save(fig, run_dir, name):
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, name), dpi=110)
+    with atomic_path(os.path.join(run_dir, name)) as tmp:  # a kill leaves no half figure
+        fig.savefig(tmp, dpi=110, format=os.path.splitext(name)[1][1:])
     plt.close(fig)
 
 
@@ -21,7 +23,8 @@ def curves(rows, run_dir):
     """Every loss term, the ramps and learning rate, bits/spike and R2 over steps."""
     step = np.array([r["step"] for r in rows])
     col = lambda k: np.array([r.get(k, np.nan) for r in rows], float)  # noqa: E731
-    panels = [("reconstruction (nats/trial)", ["train_recon", "valid_recon"]),
+    panels = [("reconstruction (nats/trial)", ["train_recon", "valid_recon", "train_recon_sv",
+                                               "valid_recon_sv"]),  # sample validation
               ("KL (nats/trial)", ["train_kl_ic", "valid_kl_ic", "train_kl_co", "valid_kl_co"]),
               ("L2 penalty (nats/trial, before the ramp)", ["train_l2"]),
               ("ramps and lr / lr0", ["kl_weight", "l2_weight", "lr"]),

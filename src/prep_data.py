@@ -559,6 +559,10 @@ def main(argv=None) -> int:
     except (ValueError, LookupError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ConnectionError as e:  # what ONE raises when the database cannot be reached
+        print(f"error: {' '.join(str(e).split()).rstrip('.')}. Nothing was written. To work "
+              "offline, point --local --cache-dir at an existing ONE cache.", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,9 +6,15 @@ The file follows the session contract (DESIGN.md section 2) and adds `train_trut
 `valid_truth` (rates in Hz) with `conversion_factor` = 1 / bin_size, so that
 truth / conversion_factor is the expected count per bin that LFADS should infer.
 
-Lorenz recipe after TF LFADS and AutoLFADS (DESIGN.md section 6): the three Lorenz latents
-drive log firing rates through a random linear map; each condition is one initial state on
-the attractor and its trials differ only by Poisson noise.
+Two recipes after TF LFADS and AutoLFADS (DESIGN.md section 6):
+
+- lorenz: the three Lorenz latents drive log firing rates through a random linear map; each
+  condition is one initial state on the attractor and its trials differ only by Poisson noise.
+- chaotic_rnn: a 50-unit random RNN with gain 1.5 (chaotic), rates from its tanh units; with
+  `input_magnitude` > 0 every trial gets one input pulse at a random time, which LFADS can
+  only explain through its controller (inferred inputs).
+
+    python -m src.synth chaotic_rnn --out data/crnn.h5 [--input-magnitude 20]
 """
 
 import argparse
@@ -74,15 +80,19 @@ def lorenz_latents(cfg: LorenzConfig, rng: np.random.Generator) -> np.ndarray:
     return (flat @ evecs / np.sqrt(evals)).reshape(z.shape)
 
 
-def poisson_session(rates_hz: np.ndarray, cfg: LorenzConfig, rng: np.random.Generator) -> dict:
-    """Repeat each condition's rates (C, T, N) into trials, draw spikes and split.
+def condition_trials(n_cond: int, reps: int) -> np.ndarray:
+    """The condition of every trial, (C*R,): each condition's repeats next to each other, so
+    identical truth rows compress to almost nothing in the HDF5 file."""
+    return np.repeat(np.arange(n_cond), reps)
 
-    Trials stay ordered by condition inside each split: identical truth rows then sit next to
-    each other and compress to almost nothing in the HDF5 file.
+
+def poisson_session(truth: np.ndarray, cond: np.ndarray, cfg, rng: np.random.Generator,
+                    extra: dict | None = None) -> dict:
+    """Draw spikes from per-trial rates (trials, T, N) in Hz and split into train and valid.
+
+    `cfg` needs bin_size, n_bins, n_fp_bins, n_neurons, n_heldout and valid_frac; `extra`
+    holds more per-trial arrays (trials, ...) to split alongside, e.g. true pulse times.
     """
-    n_cond, reps = rates_hz.shape[0], cfg.trials_per_condition
-    cond = np.repeat(np.arange(n_cond), reps)  # (C*R,) condition of each trial
-    truth = rates_hz[cond]  # (C*R, T, N)
     counts = rng.poisson(truth * cfg.bin_size)
     n_valid = int(round(cfg.valid_frac * len(cond)))
     is_valid = np.zeros(len(cond), bool)
@@ -96,6 +106,8 @@ def poisson_session(rates_hz: np.ndarray, cfg: LorenzConfig, rng: np.random.Gene
         out[f"{split}_truth"] = truth[inds].astype(np.float32)
         out[f"{split}_inds"] = inds
         out[f"{split}_condition"] = cond[inds]
+        for key, value in (extra or {}).items():
+            out[f"{split}_{key}"] = value[inds]
     return out
 
 
@@ -105,10 +117,71 @@ def make_lorenz(cfg: LorenzConfig) -> tuple[dict, dict]:
     w = rng.normal(size=(3, cfg.n_neurons))
     w *= cfg.gain / np.linalg.norm(w, axis=0)  # each neuron's log rate has std `gain`
     rates_hz = cfg.base_rate * np.exp(z @ w)  # (C, T, N)
-    data = poisson_session(rates_hz, cfg, rng)
+    cond = condition_trials(cfg.n_conditions, cfg.trials_per_condition)
+    data = poisson_session(rates_hz[cond], cond, cfg, rng)
     data["latents"] = z.astype(np.float32)
     attrs = {"bin_size": cfg.bin_size, "conversion_factor": 1.0 / cfg.bin_size,
              "generator": "lorenz", **{f"synth_{k}": v for k, v in vars(cfg).items()}}
+    return data, attrs
+
+
+@dataclass
+class ChaoticRNNConfig:
+    # TF LFADS synth_data/run_generate_synth_data.sh values in brackets
+    n_conditions: int = 400  # initial states x0 ~ N(0, x0_std^2) [C 400]
+    trials_per_condition: int = 10  # Poisson repeats of each condition [nreplications 10]
+    n_neurons: int = 50  # RNN units, every one recorded, N [N 50, S 50]
+    n_heldout: int = 10  # of which the last n_heldout are never encoder input [none]
+    n_bins: int = 100  # bins per trial, T_rec [T 1 s / dt 10 ms]
+    n_fp_bins: int = 10  # final bins the encoders never see: forward prediction [none]
+    bin_size: float = 0.01  # seconds per bin and per RNN step [dt 0.01]
+    tau: float = 0.025  # seconds, the units' time constant [0.025]
+    gain: float = 1.5  # g in x' = -x + g W tanh(x): > 1 is chaotic (Sompolinsky 1988) [1.5]
+    x0_std: float = 1.0  # spread of the initial states [1.0]
+    max_rate: float = 30.0  # Hz at the top of each unit's range in a trial [30]
+    input_magnitude: float = 0.0  # size of one input pulse per trial; 0 = autonomous [20]
+    valid_frac: float = 0.2  # share of trials in the validation split [0.2]
+    seed: int = 5  # [synth_data_seed 5]
+
+
+def chaotic_rnn_rates(cfg: ChaoticRNNConfig, rng: np.random.Generator, x0: np.ndarray,
+                      pulse_time: np.ndarray | None) -> np.ndarray:
+    """Run the RNN from x0 (trials, N); returns rates in Hz, (trials, T, N).
+
+    The discretisation of TF LFADS's synthetic_data_utils: x_t = (1 - dt/tau) x_{t-1} +
+    dt/tau (g W tanh(x_{t-1}) + b u_t), with u_t = input_magnitude at the trial's pulse time
+    and 0 elsewhere, b ~ N(0, 1) per unit (their `Bin`).
+    """
+    n, a = cfg.n_neurons, cfg.bin_size / cfg.tau
+    w = cfg.gain * rng.normal(size=(n, n)) / np.sqrt(n)  # W ~ N(0, 1/N)
+    b_in = rng.normal(size=n)  # (N,) input weights
+    x, out = x0, np.empty((len(x0), cfg.n_bins, n))
+    for t in range(cfg.n_bins):
+        x = (1 - a) * x + a * np.tanh(x) @ w.T
+        if pulse_time is not None:
+            x = x + a * cfg.input_magnitude * (pulse_time == t)[:, None] * b_in
+        out[:, t] = np.tanh(x)
+    # each unit's range in each trial mapped to [0, max_rate], as the recipe's normalize_rates
+    lo, hi = out.min(1, keepdims=True), out.max(1, keepdims=True)  # (trials, 1, N)
+    return cfg.max_rate * (out - lo) / (hi - lo)
+
+
+def make_chaotic_rnn(cfg: ChaoticRNNConfig) -> tuple[dict, dict]:
+    rng = np.random.default_rng(cfg.seed)
+    cond = condition_trials(cfg.n_conditions, cfg.trials_per_condition)
+    x0 = cfg.x0_std * rng.normal(size=(cfg.n_conditions, cfg.n_neurons))[cond]  # (trials, N)
+    extra = {}
+    pulse_time = None
+    if cfg.input_magnitude > 0:
+        # one pulse per trial, uniform over the middle half of the trial (the recipe's
+        # "hits" between 1/4 and 3/4 of the time), so repeats of a condition differ
+        quarter = cfg.n_bins // 4
+        pulse_time = rng.integers(quarter, quarter + cfg.n_bins // 2, size=len(cond))
+        extra["pulse_time"] = pulse_time
+    rates_hz = chaotic_rnn_rates(cfg, rng, x0, pulse_time)
+    data = poisson_session(rates_hz, cond, cfg, rng, extra)
+    attrs = {"bin_size": cfg.bin_size, "conversion_factor": 1.0 / cfg.bin_size,
+             "generator": "chaotic_rnn", **{f"synth_{k}": v for k, v in vars(cfg).items()}}
     return data, attrs
 
 
@@ -126,13 +199,23 @@ def write_session(path: str, data: dict, attrs: dict) -> None:
             f.attrs[k] = v
 
 
+GENERATORS = {"lorenz": (LorenzConfig, make_lorenz),
+              "chaotic_rnn": (ChaoticRNNConfig, make_chaotic_rnn)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write a ground-truth session file.")
-    p.add_argument("kind", choices=["lorenz"])
+    p.add_argument("kind", choices=sorted(GENERATORS))
     p.add_argument("--out", required=True, help="output .h5 path")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="default: the config's")
+    p.add_argument("--input-magnitude", type=float, default=0.0,
+                   help="chaotic_rnn: size of one input pulse per trial (TF LFADS: 20)")
     args = p.parse_args(argv)
-    data, attrs = make_lorenz(LorenzConfig(seed=args.seed))
+    cfg_cls, make = GENERATORS[args.kind]
+    cfg = cfg_cls() if args.seed is None else cfg_cls(seed=args.seed)
+    if args.kind == "chaotic_rnn":
+        cfg.input_magnitude = args.input_magnitude
+    data, attrs = make(cfg)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_session(args.out, data, attrs)
     n_tr, n_va = len(data["train_inds"]), len(data["valid_inds"])

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from src.data import Session
 from src.metrics import r2, region_bps
 from src.model import LFADS, LFADSConfig
-from src.utils import atomic_torch_save, atomic_write_text
+from src.utils import atomic_torch_save, atomic_write_text, stop_signals
 
 
 @dataclass
@@ -32,6 +32,8 @@ class TrainConfig:
     lr_min: float = 1e-5  # the learning rate never decays below this
     max_steps: int = 1200  # optimiser steps
     max_minutes: float = 0.0  # stop early after this wall time; 0 = no limit
+    max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss or
+    #                         gradient; each is skipped, so the weights stay finite; 0 = never
     eval_every: int = 100  # steps between validation, metrics rows and checkpoints
     kl_start: int = 0  # steps before the KL weight starts to grow
     kl_steps: int = 400  # steps over which the KL weight grows linearly from 0 to 1
@@ -52,6 +54,16 @@ def ramp(step: int, start: int, length: int) -> float:
     return min(max((step - start) / length, 0.0), 1.0)
 
 
+def sv_mask(split, rate: float, seed: int) -> torch.Tensor | None:
+    """The fixed sample-validation mask of a split's encoder input, (trials, T_enc, N_in) bool,
+    True = held out; a function of the seed alone, so a resumed run holds out the same
+    elements. None when rate is 0."""
+    if rate <= 0:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(split.encod.shape, generator=g) < rate
+
+
 def batch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The trial order of one epoch, a function of (seed, epoch) alone: resuming at any step
     gives the same batches as an uninterrupted run."""
@@ -69,6 +81,10 @@ class Trainer:
         self.train = {k: v.to(device) if v is not None else None
                       for k, v in (("encod", session.train.encod), ("recon", session.train.recon),
                                    ("ext", session.train.ext))}
+        self.train["sv"] = sv_mask(session.train, mcfg.sv_rate, tcfg.seed)
+        if self.train["sv"] is not None:
+            self.train["sv"] = self.train["sv"].to(device)
+        self.sv_valid = sv_mask(session.valid, mcfg.sv_rate, tcfg.seed + 1)
         self.model.init_readout_bias(session.train.recon.mean((0, 1)).to(device))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tcfg.lr, eps=tcfg.adam_eps,
                                      weight_decay=tcfg.weight_decay)
@@ -76,6 +92,11 @@ class Trainer:
             self.opt, factor=tcfg.lr_decay, patience=tcfg.lr_patience, min_lr=tcfg.lr_min)
         self.step, self.elapsed, self.rows = 0, 0.0, []
         self.best, self.bad_evals = math.inf, 0
+        # sums of the loss terms since the last evaluation; in the checkpoint, so that a run
+        # stopped between evaluations resumes with the same metrics rows
+        self.acc = {}
+        self.bad_in_a_row, self.last_saved = 0, None  # non-finite steps; step of ckpt_last.pt
+        self.signum = 0  # the signal that stopped fit(), if one did
 
     # --- checkpoints -------------------------------------------------------------
 
@@ -83,7 +104,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "step": self.step,
                 "elapsed": self.elapsed, "best": self.best, "bad_evals": self.bad_evals,
-                "rows": self.rows, "model_config": asdict(self.mcfg),
+                "rows": self.rows, "acc": dict(self.acc), "bad_in_a_row": self.bad_in_a_row,
+                "model_config": asdict(self.mcfg),
                 "train_config": asdict(self.tcfg), "session": self.session.path,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                         "python": random.getstate(),
@@ -96,6 +118,8 @@ class Trainer:
         self.sched.load_state_dict(ckpt["scheduler"])
         self.step, self.elapsed = ckpt["step"], ckpt["elapsed"]
         self.best, self.bad_evals, self.rows = ckpt["best"], ckpt["bad_evals"], ckpt["rows"]
+        self.acc, self.bad_in_a_row = dict(ckpt.get("acc", {})), ckpt.get("bad_in_a_row", 0)
+        self.last_saved = self.step
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
@@ -105,91 +129,138 @@ class Trainer:
 
     def save(self, name: str) -> None:
         atomic_torch_save(self.state(), os.path.join(self.run_dir, name))
+        if name == "ckpt_last.pt":
+            self.last_saved = self.step
 
     # --- evaluation ----------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, split, batch_size: int = 512) -> dict:
+    def evaluate(self, split, batch_size: int = 512, sv=None) -> dict:
         """Loss terms at one posterior sample (an honest ELBO estimate) and metrics of the
-        rates at the posterior means, over a whole split."""
+        rates at the posterior means, over a whole split. sv: the split's sample-validation
+        mask, (trials, T_enc, N_in) bool or None."""
         self.model.eval()
         totals, rates = {}, []
         for i in range(0, len(split), batch_size):
             enc = split.encod[i : i + batch_size].to(self.device)
             rec = split.recon[i : i + batch_size].to(self.device)
             ext = None if split.ext is None else split.ext[i : i + batch_size].to(self.device)
-            for k, v in self.model(enc, rec, ext, sample=True).losses.items():
+            m = None if sv is None else sv[i : i + batch_size].to(self.device)
+            for k, v in self.model(enc, rec, ext, sample=True, sv_mask=m).losses.items():
                 totals[k] = totals.get(k, 0.0) + v.item() * len(enc)
-            rates.append(torch.exp(self.model(enc, ext=ext, sample=False).log_rates).cpu().numpy())
+            out = self.model(enc, ext=ext, sample=False, sv_mask=m)
+            rates.append(torch.exp(out.log_rates).cpu().numpy())
         m = {k: v / len(split) for k, v in totals.items()}
         m.update(rate_metrics(np.concatenate(rates), split, self.mcfg))
         return m
 
     # --- the loop ----------------------------------------------------------------------
 
-    def train_step(self, idx, kl_w: float, l2_w: float) -> dict:
+    def train_step(self, idx, kl_w: float, l2_w: float) -> dict | None:
+        """One optimiser step on the trials `idx`: the loss terms, or None when the loss or the
+        gradient is not finite. Such a step is skipped: one NaN update would poison the weights
+        and Adam's moments for good."""
         self.model.train()
         ext = None if self.train["ext"] is None else self.train["ext"][idx]
-        out = self.model(self.train["encod"][idx], self.train["recon"][idx], ext)
+        sv = None if self.train["sv"] is None else self.train["sv"][idx]
+        out = self.model(self.train["encod"][idx], self.train["recon"][idx], ext, sv_mask=sv)
         loss = self.model.total_loss(out.losses, kl_w, l2_w)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
+        total = loss.item()
+        if not (math.isfinite(total) and math.isfinite(norm.item())):
+            return None
         self.opt.step()
-        return {"total": loss.item(), **{k: v.item() for k, v in out.losses.items()}}
+        return {"total": total, **{k: v.item() for k, v in out.losses.items()}}
 
-    def fit(self) -> None:
+    def ramps(self, step: int) -> tuple:
+        tc = self.tcfg
+        return ramp(step, tc.kl_start, tc.kl_steps), ramp(step, tc.l2_start, tc.l2_steps)
+
+    def fit(self) -> str:
+        """Train to max_steps; return why training stopped: "done", "early stopping", "time
+        limit", "interrupted" (SIGINT or SIGTERM; ckpt_last.pt saved) or "diverged"
+        (max_bad_steps non-finite steps in a row; ckpt_last.pt left as it was)."""
         tc = self.tcfg
         n = len(self.session.train)
         per_epoch = max(n // tc.batch_size, 1)  # full batches only: equal-sized steps
         ramps_end = max(tc.kl_start + tc.kl_steps, tc.l2_start + tc.l2_steps)
-        acc, t0 = {}, time.time() - self.elapsed
+        t0, why = time.time() - self.elapsed, ""
+        last = max(self.step - 1, 0)  # for a run resumed at max_steps, which trains no step
+        epoch, (kl_w, l2_w) = last // per_epoch, self.ramps(last)
         bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step",
                    dynamic_ncols=True, disable=None)
-        while self.step < tc.max_steps:
-            epoch, pos = divmod(self.step, per_epoch)
-            order = batch_order(tc.seed, epoch, n)
-            idx = order[pos * tc.batch_size : (pos + 1) * tc.batch_size].to(self.device)
-            kl_w = ramp(self.step, tc.kl_start, tc.kl_steps)
-            l2_w = ramp(self.step, tc.l2_start, tc.l2_steps)
-            for k, v in self.train_step(idx, kl_w, l2_w).items():
-                acc[k] = acc.get(k, 0.0) + v
-            acc["n"] = acc.get("n", 0) + 1
-            self.step += 1
-            bar.update(1)
-            self.elapsed = time.time() - t0
-            out_of_time = tc.max_minutes > 0 and self.elapsed > 60 * tc.max_minutes
-            if self.step % tc.eval_every == 0 or self.step == tc.max_steps or out_of_time:
-                stop = self.end_of_period(acc, kl_w, l2_w, ramps_end, epoch)
-                bar.set_postfix_str(self.postfix())
-                acc = {}
-                if stop or out_of_time:
-                    why = "time limit" if out_of_time else "no improvement (early stopping)"
-                    tqdm.write(f"stopping at step {self.step}: {why}")
-                    break
+        with stop_signals() as caught:
+            while self.step < tc.max_steps and not why:
+                epoch, pos = divmod(self.step, per_epoch)
+                order = batch_order(tc.seed, epoch, n)
+                idx = order[pos * tc.batch_size : (pos + 1) * tc.batch_size].to(self.device)
+                kl_w, l2_w = self.ramps(self.step)
+                terms = self.train_step(idx, kl_w, l2_w)
+                self.bad_in_a_row = 0 if terms else self.bad_in_a_row + 1
+                for k, v in (terms or {"bad": 1}).items():
+                    self.acc[k] = self.acc.get(k, 0) + v
+                self.acc["n"] = self.acc.get("n", 0) + (terms is not None)
+                self.step += 1
+                bar.update(1)
+                self.elapsed = time.time() - t0
+                early = False
+                if self.step % tc.eval_every == 0:
+                    acc, self.acc = self.acc, {}  # the checkpoint holds a complete period
+                    early = self.end_of_period(acc, kl_w, l2_w, ramps_end, epoch)
+                    bar.set_postfix_str(self.postfix())
+                why = self.stop_reason(early, caught["signum"])
+            if self.acc and why != "diverged":  # stopped between two evaluations
+                # checkpoint first: a resumed run goes on as if never stopped, without the
+                # final row below (which steps no scheduler and no patience)
+                self.save("ckpt_last.pt")
+                if why != "interrupted":
+                    self.end_of_period(dict(self.acc), kl_w, l2_w, ramps_end, epoch, final=True)
         bar.close()
+        self.signum = caught["signum"]
+        if why in ("early stopping", "time limit"):
+            tqdm.write(f"stopping at step {self.step}: {why}")
+        return why or "done"
 
-    def end_of_period(self, acc, kl_w, l2_w, ramps_end, epoch) -> bool:
-        """Validate, log a metrics row, checkpoint, decay the lr; True to stop early."""
+    def stop_reason(self, early: bool, signum: int) -> str:
         tc = self.tcfg
-        n = acc.pop("n")
+        if early:
+            return "early stopping"
+        if tc.max_bad_steps > 0 and self.bad_in_a_row >= tc.max_bad_steps:
+            return "diverged"
+        if signum:
+            return "interrupted"
+        if tc.max_minutes > 0 and self.elapsed > 60 * tc.max_minutes:
+            return "time limit"
+        return ""
+
+    def end_of_period(self, acc, kl_w, l2_w, ramps_end, epoch, final=False) -> bool:
+        """Validate, log a metrics row, checkpoint, decay the lr; True to stop early. `final`:
+        the shorter last period of a run that stops between evaluations: a row and the best
+        checkpoint only (fit has saved ckpt_last.pt; the scheduler and patience count full
+        periods, so that a resumed run equals an uninterrupted one)."""
+        tc = self.tcfg
+        n, bad = acc.pop("n"), acc.pop("bad", 0)
         row = {"step": self.step, "epoch": epoch, "elapsed_s": round(self.elapsed, 2),
-               "lr": self.opt.param_groups[0]["lr"], "kl_weight": kl_w, "l2_weight": l2_w}
-        row.update({f"train_{k}": v / n for k, v in acc.items()})
-        valid = self.evaluate(self.session.valid)
+               "lr": self.opt.param_groups[0]["lr"], "kl_weight": kl_w, "l2_weight": l2_w,
+               "bad_steps": bad}  # skipped for a non-finite loss or gradient
+        row.update({f"train_{k}": v / n for k, v in acc.items()})  # none if every step was bad
+        valid = self.evaluate(self.session.valid, sv=self.sv_valid)
         valid["total"] = self.model.total_loss(valid, kl_w, l2_w)
         row.update({f"valid_{k}": v for k, v in valid.items()})
         self.rows.append(row)
         past_ramps = self.step >= ramps_end
-        if past_ramps:
-            self.sched.step(row["train_total"])  # TF LFADS: decay when the training cost stalls
+        if past_ramps and not final:  # TF LFADS: decay when the training cost stalls
+            self.sched.step(row.get("train_total", math.inf))
         improved = past_ramps and valid["recon"] < self.best
         if improved:
             self.best, self.bad_evals = valid["recon"], 0
-        elif past_ramps:
+        elif past_ramps and not final:
             self.bad_evals += 1
         self.write_metrics()
-        self.save("ckpt_last.pt")
+        if not final:
+            self.save("ckpt_last.pt")
         if improved:
             self.save("ckpt_best.pt")
         return tc.patience > 0 and self.bad_evals >= tc.patience

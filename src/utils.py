@@ -1,9 +1,12 @@
-"""Small shared helpers: atomic writes, seeding, device choice."""
+"""Small shared helpers: atomic writes, stop signals, seeding, device choice."""
 
 import contextlib
+import glob
 import os
 import random
+import signal
 import tempfile
+import threading
 
 import numpy as np
 import torch
@@ -39,6 +42,44 @@ def atomic_write_text(path: str, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
+
+
+def remove_stale_temps(folder: str) -> None:
+    """Delete the temporaries of atomic_path that a SIGKILL or power cut left behind."""
+    for tmp in glob.glob(os.path.join(folder, ".*.tmp")):
+        os.remove(tmp)
+
+
+def check_writable(folder: str) -> None:
+    """Create `folder` and a file in it now: a read-only place then fails before training,
+    not at the first checkpoint an hour later. Raises OSError."""
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While inside, SIGINT (Ctrl-C) and SIGTERM (kill, cluster schedulers) only set
+    caught["signum"]; the training loop checks it between steps, saves a checkpoint and stops.
+    A second signal interrupts at once: checkpoints are replaced atomically, so even that
+    loses only the steps since the last one."""
+    caught = {"signum": 0}
+
+    def handler(signum, frame):
+        if caught["signum"]:
+            raise KeyboardInterrupt
+        caught["signum"] = signum
+
+    if threading.current_thread() is not threading.main_thread():  # Python allows handlers
+        yield caught  # only in the main thread; elsewhere signals keep their default action
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def seed_everything(seed: int) -> None:

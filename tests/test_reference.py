@@ -1,0 +1,75 @@
+"""The fast model (src/model.py) against the plain per-step one (src/reference.py)."""
+
+import pytest
+import torch
+
+from src import bench
+from src.bench_speed import CONFIGS, forward_flops
+from src.model import LFADS, LFADSConfig
+from src.reference import gru_step, reference_forward
+
+
+def pair(co_dim, ext_dim, sample, seed=0):
+    """Outputs, losses and gradients of both paths on the same weights and noise."""
+    cfg = LFADSConfig(n_in=7, n_out=9, t_enc=10, t_rec=13, ext_dim=ext_dim, ic_enc_dim=8,
+                      ci_enc_dim=6, con_dim=5, co_dim=co_dim, ic_dim=4, gen_dim=12, fac_dim=5,
+                      dropout=0.2, ci_lag=2)
+    torch.manual_seed(seed)
+    model = LFADS(cfg).eval()  # eval: dropout masks are the one thing the paths draw differently
+    recon = torch.poisson(torch.rand(3, 13, 9) * 2)
+    ext = torch.randn(3, 13, ext_dim) if ext_dim else None
+    results = []
+    for forward in (model, lambda *a, **k: reference_forward(model, *a, **k)):
+        torch.manual_seed(seed + 1)  # the same posterior samples in both
+        model.zero_grad()
+        out = forward(recon[:, :10, :7], recon, ext, sample=sample)
+        model.total_loss(out.losses, 0.7, 0.3).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    return results
+
+
+@pytest.mark.parametrize("co_dim,ext_dim,sample", [(4, 0, True), (4, 0, False), (0, 0, True),
+                                                   (2, 3, True)])
+def test_fast_path_equals_the_reference(co_dim, ext_dim, sample):
+    (fast, g_fast), (ref, g_ref) = pair(co_dim, ext_dim, sample)
+    for name in ("log_rates", "factors", "gen_states", "ic_mean", "ic_std", "co_mean", "u"):
+        a, b = getattr(fast, name), getattr(ref, name)
+        if co_dim == 0 and name in ("co_mean", "u"):
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    for k in fast.losses:
+        torch.testing.assert_close(fast.losses[k], ref.losses[k], rtol=1e-5, atol=1e-4, msg=k)
+    # every parameter that gets a gradient in one path gets the same one in the other (an
+    # empty generator input matrix of the autonomous model has none in the fast path)
+    assert {k for k, v in g_ref.items() if v.numel()} == set(g_fast)
+    for k, v in g_fast.items():
+        torch.testing.assert_close(v, g_ref[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_reference_gru_step_is_torch_gru_cell():
+    torch.manual_seed(0)
+    cell = torch.nn.GRUCell(5, 7)
+    x, h = torch.randn(4, 5), torch.randn(4, 7)
+    got = gru_step(x, h, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    torch.testing.assert_close(got, cell(x, h))
+
+
+def test_flop_count_matches_the_documented_mc_maze_total():
+    # issue 5's anchor: about 7.8 GFLOP forward, 23.4 per training step
+    c, batch = CONFIGS["mc_maze"]
+    assert forward_flops(c, batch) / 1e9 == pytest.approx(7.8, abs=0.05)
+
+
+def test_speed_bench_runs_in_a_tiny_configuration(capsys):
+    assert bench.main(["speed", "--configs", "tiny", "--steps", "2", "--warmup", "1",
+                       "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "x the reference path" in out and "% of peak" in out
+    assert "| tiny | 1 | fast |" in out and "| tiny | 1 | reference |" in out
+
+
+def test_bench_without_a_name_prints_usage(capsys):
+    assert bench.main([]) == 2
+    assert "quality" in capsys.readouterr().err
