@@ -20,6 +20,7 @@ import torch
 
 from src.model import LFADS, LFADSConfig
 from src.reference import reference_forward
+from src.utils import autocast
 
 # lfads-torch's NLB MC_Maze configuration (DESIGN.md section 4): 35 encoder bins of 137
 # held-in neurons, 45 bins of 182 neurons reconstructed, batch 256, reference network sizes
@@ -98,10 +99,15 @@ def time_it(fn, device, steps: int, warmup: int) -> list:
     return times
 
 
-def bench_one(c: LFADSConfig, batch: int, path: str, device, steps: int, warmup: int) -> dict:
+def bench_one(c: LFADSConfig, batch: int, path: str, device, steps: int, warmup: int,
+              precision: str) -> dict:
     torch.manual_seed(0)
     model = LFADS(c).to(device)
-    forward = model if path == "fast" else lambda *a, **k: reference_forward(model, *a, **k)
+    run = model if path == "fast" else lambda *a, **k: reference_forward(model, *a, **k)
+
+    def forward(*args, **kwargs):
+        with autocast(device, precision):
+            return run(*args, **kwargs)
     encod, recon = fake_batch(c, batch, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -129,6 +135,19 @@ def spread(ms: list) -> tuple:
     return statistics.median(ms), q[0], q[-1]
 
 
+def ratios(name: str, med: dict, device) -> None:
+    """Speed-ups of the fast fp32 path over the reference path and over lfads-torch."""
+    fast = med.get(("fast", "fp32"))
+    for (path, prec), ms in med.items():
+        if path == "reference" and prec == "fp32" and fast:
+            print(f"  fast path is {ms / fast:.2f}x the reference path (fp32)")
+        if path == "fast" and prec == "bf16" and fast:
+            print(f"  bf16 is {fast / ms:.2f}x fp32 on the fast path")
+        if path == "fast" and name == "mc_maze" and device.type == "cpu":
+            print(f"  fast path {prec} is {LFADS_TORCH_MS / ms:.2f}x lfads-torch "
+                  f"({LFADS_TORCH_MS:.0f} ms/step, fp32, measured on a 2-core CPU, 2 threads)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m src.bench speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default: %(default)s)")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                   help="matrix-product precisions to time (default: %(default)s)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
 
@@ -157,24 +178,22 @@ def main(argv=None) -> int:
             print(f"{name}: batch {batch}, {gflop:.1f} GFLOP per training step "
                   f"({gflop / 3:.2f} forward)")
             med = {}
-            for path in a.paths:
-                r = bench_one(c, batch, path, device, a.steps, a.warmup)
-                m, lo, hi = spread(r["train"])
-                mi, _, _ = spread(r["infer"])
-                med[path] = m
-                share = gflop / (m / 1000) / peak
-                rows.append((name, threads, path, m, lo, hi, batch / m * 1000, share, mi))
-                print(f"  {path:9s} train {m:7.1f} ms/step (p10-p90 {lo:.1f}-{hi:.1f}), "
-                      f"{batch / m * 1000:6.0f} trials/s, {gflop / (m / 1000):5.1f} GFLOP/s = "
-                      f"{100 * share:4.1f}% of peak; inference {mi:.1f} ms/batch")
-            if "fast" in med and "reference" in med:
-                print(f"  fast path is {med['reference'] / med['fast']:.2f}x the reference path")
-            if name == "mc_maze" and "fast" in med and device.type == "cpu":
-                print(f"  fast path is {LFADS_TORCH_MS / med['fast']:.2f}x lfads-torch "
-                      f"({LFADS_TORCH_MS:.0f} ms/step measured on a 2-core CPU, 2 threads)")
-    print("\n| config | threads | path | train ms/step (p10-p90) | trials/s | % of matmul peak "
-          "| inference ms/batch |\n|---|---|---|---|---|---|---|")
-    for name, threads, path, m, lo, hi, tps, share, mi in rows:
-        print(f"| {name} | {threads} | {path} | {m:.1f} ({lo:.1f}-{hi:.1f}) | {tps:.0f} | "
-              f"{100 * share:.1f} | {mi:.1f} |")
+            for prec in a.precision:
+                for path in a.paths:
+                    r = bench_one(c, batch, path, device, a.steps, a.warmup, prec)
+                    m, lo, hi = spread(r["train"])
+                    mi, _, _ = spread(r["infer"])
+                    med[path, prec] = m
+                    share = gflop / (m / 1000) / peak  # of the float32 peak, also for bf16
+                    rows.append((name, threads, path, prec, m, lo, hi, batch / m * 1000, share,
+                                 mi))
+                    print(f"  {path:9s} {prec} train {m:7.1f} ms/step (p10-p90 {lo:.1f}-{hi:.1f}),"
+                          f" {batch / m * 1000:6.0f} trials/s, {gflop / (m / 1000):5.1f} GFLOP/s ="
+                          f" {100 * share:4.1f}% of fp32 peak; inference {mi:.1f} ms/batch")
+            ratios(name, med, device)
+    print("\n| config | threads | path | precision | train ms/step (p10-p90) | trials/s "
+          "| % of fp32 matmul peak | inference ms/batch |\n|---|---|---|---|---|---|---|---|")
+    for name, threads, path, prec, m, lo, hi, tps, share, mi in rows:
+        print(f"| {name} | {threads} | {path} | {prec} | {m:.1f} ({lo:.1f}-{hi:.1f}) | {tps:.0f} "
+              f"| {100 * share:.1f} | {mi:.1f} |")
     return 0

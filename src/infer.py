@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import torch
 
-from src.utils import atomic_path
+from src.utils import atomic_path, autocast
 
 # Output name -> attribute of src.model.Output; the keys of lfads_output.h5 (DESIGN.md section 3)
 FIELDS = {"rates": "log_rates", "factors": "factors", "gen_states": "gen_states",
@@ -13,7 +13,7 @@ FIELDS = {"rates": "log_rates", "factors": "factors", "gen_states": "gen_states"
 
 @torch.no_grad()
 def posterior_average(model, encod, ext=None, n_samples: int = 50, batch_size: int = 256,
-                      device="cpu") -> dict:
+                      device="cpu", precision: str = "fp32") -> dict:
     """Average every output over `n_samples` posterior samples (0: use posterior means).
 
     lfads-torch averages 50 samples; the mean of sampled rates differs from the rate of the
@@ -27,7 +27,8 @@ def posterior_average(model, encod, ext=None, n_samples: int = 50, batch_size: i
         e = None if ext is None else ext[i : i + batch_size].to(device)
         acc = {}
         for _ in range(max(n_samples, 1)):
-            out = model(x, ext=e, sample=n_samples > 0)
+            with autocast(device, precision):
+                out = model(x, ext=e, sample=n_samples > 0)
             for key, attr in FIELDS.items():
                 v = getattr(out, attr)
                 if v is None:

@@ -25,12 +25,17 @@ from src.trainer import TrainConfig, Trainer, rate_metrics, write_config
 from src.utils import (
     atomic_write_text,
     check_writable,
+    from_rank0,
+    init_distributed,
     pick_device,
+    rank_device,
     remove_stale_temps,
     seed_everything,
+    world,
 )
 
 DATA_SIZES = ("n_in", "n_out", "t_enc", "t_rec", "ext_dim")  # read from the file, not flags
+CHOICES = {"precision": ("fp32", "bf16")}  # fields with a fixed set of values
 CKPT_KEYS = {"model", "optimizer", "scheduler", "step", "rng", "model_config", "train_config",
              "session"}
 # what --overwrite deletes first: a stale best checkpoint would be exported as the new run's
@@ -52,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ins", help="an insertion id: trains on <data-dir>/<ins>.h5")
     p.add_argument("--data-dir", default="data", help="folder of session files (default: data)")
     p.add_argument("--results-dir", default="results", help="where run folders go")
-    p.add_argument("--run", help="run folder name (default: <session>_<date>_<time>)")
+    p.add_argument("--run", "--run-name", dest="run", help="run folder name (default: "
+                   "<session>_<date>_<time>; under torchrun spell it --run-name: torchrun "
+                   "reads --run as its own --run-path)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
@@ -65,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
             kind = parse_bool if f.type in (bool, "bool") else type(f.default)
             g.add_argument(f"--{f.name}", f"--{f.name.replace('_', '-')}", dest=f.name, type=kind,
                            default=None, metavar=kind.__name__.upper(),
+                           choices=CHOICES.get(f.name),
                            help=f"(default: {f.default})")
     return p
 
@@ -104,7 +112,7 @@ def writable(run_dir: str) -> None:
                         f"{e.filename or run_dir}); pick another place with --results-dir") from e
 
 
-def resume_run(args):
+def resume_run(args, lead: bool = True, n_proc: int = 1):
     """Configs, data and checkpoint of the run in --resume, checked against each other."""
     ckpt_path = os.path.join(args.resume, "ckpt_last.pt")
     if not os.path.isfile(ckpt_path):
@@ -116,6 +124,7 @@ def resume_run(args):
     except TypeError as e:  # a field this version of the code does not have
         raise DataError(f"{ckpt_path}: its configuration does not fit this version of the "
                         f"code ({e})") from e
+    check_split(tcfg, n_proc)
     session = load_session(args.data or ckpt["session"])
     differ = {k: (getattr(mcfg, k), v) for k, v in session.sizes.items() if getattr(mcfg, k) != v}
     if differ:
@@ -127,15 +136,23 @@ def resume_run(args):
         raise DataError(f"{ckpt_path}: its weights do not fit the model asked for" + (
             f" ({fmt(diff)}): resume without those flags, or start a new run" if diff else
             ": saved by another version of src/model.py?"))
-    writable(args.resume)
-    remove_stale_temps(args.resume)  # left by a kill during a save
+    if lead:
+        writable(args.resume)
+        remove_stale_temps(args.resume)  # left by a kill during a save
     return session, mcfg, tcfg, args.resume, ckpt
 
 
-def prepare_run(args):
-    """Resolve configs, data and the run folder, new or resumed."""
+def check_split(tcfg: TrainConfig, n_proc: int) -> None:
+    if tcfg.batch_size % n_proc:  # equal shares, or the averaged gradients are not the batch's
+        raise DataError(f"--batch_size {tcfg.batch_size} does not split evenly over {n_proc} "
+                        "processes")
+
+
+def prepare_run(args, lead: bool = True, n_proc: int = 1):
+    """Resolve configs, data and the run folder, new or resumed. Only the lead process checks
+    and creates the run folder."""
     if args.resume:
-        return resume_run(args)
+        return resume_run(args, lead, n_proc)
     files = find_session_files(args.data, args.ins, args.data_dir)
     if len(files) > 1:
         raise DataError(f"found {len(files)} session files ({', '.join(files)}); training on "
@@ -144,8 +161,11 @@ def prepare_run(args):
     session = load_session(files[0])
     mcfg = LFADSConfig(**{**overrides(args, LFADSConfig), **session.sizes})
     tcfg = TrainConfig(**overrides(args, TrainConfig))
+    check_split(tcfg, n_proc)
     run = args.run or f"{session.name}_{time.strftime('%Y%m%d_%H%M%S')}"
     run_dir = os.path.join(args.results_dir, run)
+    if not lead:
+        return session, mcfg, tcfg, run_dir, None
     if os.path.exists(run_dir) and os.listdir(run_dir) and not args.overwrite:
         raise DataError(f"run folder {run_dir} exists: continue it with --resume {run_dir}, or "
                         "replace it with --overwrite")
@@ -166,7 +186,8 @@ def export(trainer, run_dir: str) -> dict:
     splits = {"train": (s.train.encod, s.train.ext), "valid": (s.valid.encod, s.valid.ext)}
     if s.test_encod is not None:
         splits["test"] = (s.test_encod, None)
-    outputs = {k: posterior_average(trainer.model, enc, ext, n, device=trainer.device)
+    outputs = {k: posterior_average(trainer.model, enc, ext, n, device=trainer.device,
+                                    precision=trainer.tcfg.precision)
                for k, (enc, ext) in splits.items()}
     write_outputs(os.path.join(run_dir, "lfads_output.h5"), outputs, n)
     return outputs
@@ -178,45 +199,83 @@ def last_checkpoint(trainer) -> str:
     return f"{trainer.run_dir}/ckpt_last.pt (step {trainer.last_saved}) is intact"
 
 
+def prepare_ranks(args, rank: int, n_proc: int):
+    """prepare_run on rank 0; the other processes of a torchrun job follow it into the same
+    run folder, or stop with its error."""
+    prepared, error = None, None
+    if rank == 0:
+        try:
+            prepared = prepare_run(args, n_proc=n_proc)
+        except DataError as e:
+            error = str(e)
+    error, run_dir = from_rank0((error, prepared and prepared[3]))
+    if error:
+        raise DataError(error)
+    if rank > 0:
+        args = argparse.Namespace(**{**vars(args), "results_dir": os.path.dirname(run_dir),
+                                     "run": os.path.basename(run_dir)})
+        prepared = prepare_run(args, lead=False, n_proc=n_proc)
+    return prepared
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    rank, n_proc = world()
+    if n_proc > 1:
+        init_distributed(args.device or "auto")
     try:
-        session, mcfg, tcfg, run_dir, ckpt = prepare_run(args)
+        return run(args, rank, n_proc)
+    finally:
+        if n_proc > 1:
+            torch.distributed.destroy_process_group()
+
+
+def run(args, rank: int, n_proc: int) -> int:
+    """Train and export; under torchrun every process runs this, rank 0 alone writes."""
+    say = print if rank == 0 else lambda *a, **k: None
+    try:
+        session, mcfg, tcfg, run_dir, ckpt = prepare_ranks(args, rank, n_proc)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return 2
     if tcfg.threads > 0:
         torch.set_num_threads(tcfg.threads)
-    device = pick_device(tcfg.device)
-    seed_everything(tcfg.seed)
+    device = rank_device(pick_device(tcfg.device))
+    seed_everything(tcfg.seed + rank)  # each process its own dropout masks and samples
     trainer = Trainer(session, mcfg, tcfg, run_dir, device)
     if ckpt is not None:
         trainer.load_state(ckpt)
         if trainer.rows:  # drop rows written after the checkpoint: the run goes on from there
             trainer.write_metrics()
         diff = changes(ckpt["model_config"], mcfg) | changes(ckpt["train_config"], tcfg)
-        print(f"resuming {run_dir} at step {trainer.step}" + (f" ({fmt(diff)})" if diff else ""))
-    write_config(run_dir, mcfg, tcfg, session)
-    print(f"training on {session.path}: {len(session.train)} train / {len(session.valid)} valid "
-          f"trials, {mcfg.t_rec} bins of {session.bin_size * 1e3:g} ms, {mcfg.n_out} neurons "
-          f"({mcfg.n_out - mcfg.n_in} held out); device {device}; run folder {run_dir}")
-    resume = f"python -m src.main --resume {shlex.quote(run_dir)}"
+        say(f"resuming {run_dir} at step {trainer.step}" + (f" ({fmt(diff)})" if diff else ""))
+    if rank == 0:
+        write_config(run_dir, mcfg, tcfg, session)
+    procs = f" x {n_proc} processes" if n_proc > 1 else ""
+    say(f"training on {session.path}: {len(session.train)} train / {len(session.valid)} valid "
+        f"trials, {mcfg.t_rec} bins of {session.bin_size * 1e3:g} ms, {mcfg.n_out} neurons "
+        f"({mcfg.n_out - mcfg.n_in} held out); device {device}{procs}; run folder {run_dir}")
+    launcher = f"torchrun --nproc_per_node={n_proc}" if n_proc > 1 else "python"
+    resume = f"{launcher} -m src.main --resume {shlex.quote(run_dir)}"
     try:
         why = trainer.fit()
-        outputs = export(trainer, run_dir) if why not in ("interrupted", "diverged") else None
+        done = rank == 0 and why not in ("interrupted", "diverged")
+        outputs = export(trainer, run_dir) if done else None
     except (OSError, KeyboardInterrupt) as e:  # a full disk; a second Ctrl-C during a save
-        print(f"error: {e or type(e).__name__} at step {trainer.step}; {last_checkpoint(trainer)}."
+        say(f"error: {e or type(e).__name__} at step {trainer.step}; {last_checkpoint(trainer)}."
               f" Continue with: {resume}", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
     if why == "interrupted":
-        print(f"interrupted at step {trainer.step}; continue with: {resume}", file=sys.stderr)
+        say(f"interrupted at step {trainer.step}; continue with: {resume}", file=sys.stderr)
         return 128 + trainer.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     if why == "diverged":
-        print(f"error: stopped at step {trainer.step}: {tcfg.max_bad_steps} steps in a row had a "
+        say(f"error: stopped at step {trainer.step}: {tcfg.max_bad_steps} steps in a row had a "
               "non-finite loss or gradient. They were skipped, so the weights stay finite; "
               f"{last_checkpoint(trainer)}. Lower --lr (now {trainer.opt.param_groups[0]['lr']:g})"
               f" or check the data, then continue with: {resume} --lr <lower>", file=sys.stderr)
         return 1
+    if rank > 0:
+        return 0
     summary = {"steps": trainer.step, "minutes": round(trainer.elapsed / 60, 2)}
     summary.update({f"valid_{k}": v for k, v in
                     rate_metrics(outputs["valid"]["rates"], session.valid, mcfg).items()})

@@ -13,7 +13,7 @@ Legend, used in every shape comment:
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -161,6 +161,11 @@ class Output:
     u: torch.Tensor | None  # (B, T_rec, U) the inputs the generator received
     losses: dict | None = None  # loss terms, nats per trial (see LFADS.losses)
 
+    def float(self) -> "Output":
+        """Every tensor in float32: under bfloat16 autocast the matrix products return bf16."""
+        f = lambda v: v.float() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return Output(*(f(getattr(self, k.name)) for k in fields(self)))
+
 
 class LFADS(nn.Module):
     def __init__(self, cfg: LFADSConfig):
@@ -297,9 +302,12 @@ class LFADS(nn.Module):
         ic = ic_mean + ic_std * torch.randn_like(ic_std) if sample else ic_mean
         ci = self.encode_ci(x) if cfg.co_dim else None
         gens, facs, co_mean, co_std, u = self.generate(ic, ci, ext, sample)
-        out = Output(self.readout(facs), facs, gens, ic_mean, ic_std, co_mean, co_std, u)
+        out = Output(self.readout(facs), facs, gens, ic_mean, ic_std, co_mean, co_std, u).float()
         if recon is not None:
-            out.losses = self.losses(out, recon, cd_keep, sv_mask)
+            # the loss in float32 even under autocast: a Poisson likelihood summed over
+            # thousands of bins loses its last digits in bfloat16's 8-bit mantissa
+            with torch.autocast(x.device.type, enabled=False):
+                out.losses = self.losses(out, recon, cd_keep, sv_mask)
         return out
 
     def losses(self, out: Output, recon, cd_keep=None, sv_mask=None) -> dict:

@@ -91,7 +91,8 @@ def reference_forward(m: LFADS, encod, recon=None, ext=None, sample: bool = True
     stack = lambda xs: torch.stack(xs, dim=1) if xs else None  # noqa: E731
     facs = stack(facs)
     out = Output(m.readout(facs), facs, stack(gens), ic_mean, ic_std, stack(co_means),
-                 stack(co_stds), stack(us))
+                 stack(co_stds), stack(us)).float()
     if recon is not None:
-        out.losses = m.losses(out, recon, cd_keep)
+        with torch.autocast(x.device.type, enabled=False):  # as in LFADS.forward
+            out.losses = m.losses(out, recon, cd_keep)
     return out

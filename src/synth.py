@@ -138,7 +138,7 @@ class ChaoticRNNConfig:
     tau: float = 0.025  # seconds, the units' time constant [0.025]
     gain: float = 1.5  # g in x' = -x + g W tanh(x): > 1 is chaotic (Sompolinsky 1988) [1.5]
     x0_std: float = 1.0  # spread of the initial states [1.0]
-    max_rate: float = 30.0  # Hz at the top of each unit's range in a trial [30]
+    max_rate: float = 30.0  # Hz at tanh = 1, the top of every unit's range [30]
     input_magnitude: float = 0.0  # size of one input pulse per trial; 0 = autonomous [20]
     valid_frac: float = 0.2  # share of trials in the validation split [0.2]
     seed: int = 5  # [synth_data_seed 5]
@@ -161,9 +161,11 @@ def chaotic_rnn_rates(cfg: ChaoticRNNConfig, rng: np.random.Generator, x0: np.nd
         if pulse_time is not None:
             x = x + a * cfg.input_magnitude * (pulse_time == t)[:, None] * b_in
         out[:, t] = np.tanh(x)
-    # each unit's range in each trial mapped to [0, max_rate], as the recipe's normalize_rates
-    lo, hi = out.min(1, keepdims=True), out.max(1, keepdims=True)  # (trials, 1, N)
-    return cfg.max_rate * (out - lo) / (hi - lo)
+    # tanh's (-1, 1) mapped to (0, max_rate) alike in every trial, as TF LFADS does without
+    # inputs. With inputs TF LFADS rescales each trial's range instead; we do not: that makes
+    # the true rates depend on the whole trial, not on the state, which no dynamical model
+    # (and no R2 against truth) should be asked to reproduce
+    return cfg.max_rate * (out + 1) / 2
 
 
 def make_chaotic_rnn(cfg: ChaoticRNNConfig) -> tuple[dict, dict]:

@@ -11,12 +11,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from src.data import Session
 from src.metrics import r2, region_bps
 from src.model import LFADS, LFADSConfig
-from src.utils import atomic_torch_save, atomic_write_text, stop_signals
+from src.utils import atomic_torch_save, atomic_write_text, autocast, from_rank0, stop_signals
 
 
 @dataclass
@@ -45,6 +47,8 @@ class TrainConfig:
     seed: int = 0  # seeds weights, batch order, dropout and sampling
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    precision: str = "fp32"  # fp32 | bf16: bfloat16 autocast of the matrix products, for CPUs
+    #                          with AVX512-BF16 or AMX and for GPUs (README, Performance)
 
 
 def ramp(step: int, start: int, length: int) -> float:
@@ -77,6 +81,11 @@ class Trainer:
         self.session, self.mcfg, self.tcfg, self.run_dir, self.device = (
             session, mcfg, tcfg, run_dir, device)
         self.model = LFADS(mcfg).to(device)
+        # several processes (torchrun): each trains on its share of every batch and DDP
+        # averages the gradients, so all hold the same weights; rank 0 alone writes files
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if \
+            dist.is_initialized() else (0, 1)
+        self.net = self.model if self.world == 1 else DistributedDataParallel(self.model)
         # data moved to the device once; batches are index lookups
         self.train = {k: v.to(device) if v is not None else None
                       for k, v in (("encod", session.train.encod), ("recon", session.train.recon),
@@ -104,13 +113,10 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "step": self.step,
                 "elapsed": self.elapsed, "best": self.best, "bad_evals": self.bad_evals,
-                "rows": self.rows, "acc": dict(self.acc), "bad_in_a_row": self.bad_in_a_row,
-                "model_config": asdict(self.mcfg),
+                "rows": self.rows, "acc": self.rank_mean(self.acc),
+                "bad_in_a_row": self.bad_in_a_row, "model_config": asdict(self.mcfg),
                 "train_config": asdict(self.tcfg), "session": self.session.path,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                        else []}}
+                "rng": self.all_ranks(rng_state())}  # [rank 0's, rank 1's, ...]
 
     def load_state(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -120,17 +126,49 @@ class Trainer:
         self.best, self.bad_evals, self.rows = ckpt["best"], ckpt["bad_evals"], ckpt["rows"]
         self.acc, self.bad_in_a_row = dict(ckpt.get("acc", {})), ckpt.get("bad_in_a_row", 0)
         self.last_saved = self.step
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+        if len(rngs) == self.world:
+            set_rng_state(rngs[self.rank])
+        else:  # another number of processes: fresh streams, so not the uninterrupted run
+            torch.manual_seed(self.tcfg.seed + self.step + self.rank)
+            if self.rank == 0:
+                print(f"note: the checkpoint was written by {len(rngs)} processes, this "
+                      f"run has {self.world}: random streams restart")
 
     def save(self, name: str) -> None:
-        atomic_torch_save(self.state(), os.path.join(self.run_dir, name))
+        state = self.state()  # every rank: the random states are gathered
+        if self.rank == 0:
+            atomic_torch_save(state, os.path.join(self.run_dir, name))
         if name == "ckpt_last.pt":
             self.last_saved = self.step
+
+    # --- several processes ---------------------------------------------------------------
+
+    def all_ranks(self, obj) -> list:
+        """[rank 0's obj, rank 1's, ...]; [obj] in a single process."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def agree(self, *flags: float) -> list:
+        """The largest of each flag over all ranks. Ranks must take every decision (skip a
+        step, stop) together, or one would wait forever for the others' gradients."""
+        if self.world == 1:
+            return list(flags)
+        t = torch.tensor(flags, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def rank_mean(self, sums: dict) -> dict:
+        """Loss sums averaged over ranks, so that every rank logs and schedules the same."""
+        if self.world == 1:
+            return sums
+        keys = sorted(sums)
+        t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return dict(zip(keys, (t / self.world).tolist()))
 
     # --- evaluation ----------------------------------------------------------------
 
@@ -146,9 +184,11 @@ class Trainer:
             rec = split.recon[i : i + batch_size].to(self.device)
             ext = None if split.ext is None else split.ext[i : i + batch_size].to(self.device)
             m = None if sv is None else sv[i : i + batch_size].to(self.device)
-            for k, v in self.model(enc, rec, ext, sample=True, sv_mask=m).losses.items():
+            with autocast(self.device, self.tcfg.precision):
+                losses = self.model(enc, rec, ext, sample=True, sv_mask=m).losses
+                out = self.model(enc, ext=ext, sample=False, sv_mask=m)
+            for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v.item() * len(enc)
-            out = self.model(enc, ext=ext, sample=False, sv_mask=m)
             rates.append(torch.exp(out.log_rates).cpu().numpy())
         m = {k: v / len(split) for k, v in totals.items()}
         m.update(rate_metrics(np.concatenate(rates), split, self.mcfg))
@@ -163,13 +203,15 @@ class Trainer:
         self.model.train()
         ext = None if self.train["ext"] is None else self.train["ext"][idx]
         sv = None if self.train["sv"] is None else self.train["sv"][idx]
-        out = self.model(self.train["encod"][idx], self.train["recon"][idx], ext, sv_mask=sv)
+        with autocast(self.device, self.tcfg.precision):
+            out = self.net(self.train["encod"][idx], self.train["recon"][idx], ext, sv_mask=sv)
         loss = self.model.total_loss(out.losses, kl_w, l2_w)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
         total = loss.item()
-        if not (math.isfinite(total) and math.isfinite(norm.item())):
+        bad, = self.agree(not (math.isfinite(total) and math.isfinite(norm.item())))
+        if bad:
             return None
         self.opt.step()
         return {"total": total, **{k: v.item() for k, v in out.losses.items()}}
@@ -186,16 +228,17 @@ class Trainer:
         n = len(self.session.train)
         per_epoch = max(n // tc.batch_size, 1)  # full batches only: equal-sized steps
         ramps_end = max(tc.kl_start + tc.kl_steps, tc.l2_start + tc.l2_steps)
-        t0, why = time.time() - self.elapsed, ""
+        t0, why, signum = time.time() - self.elapsed, "", 0
         last = max(self.step - 1, 0)  # for a run resumed at max_steps, which trains no step
         epoch, (kl_w, l2_w) = last // per_epoch, self.ramps(last)
         bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step",
-                   dynamic_ncols=True, disable=None)
+                   dynamic_ncols=True, disable=None if self.rank == 0 else True)
         with stop_signals() as caught:
             while self.step < tc.max_steps and not why:
                 epoch, pos = divmod(self.step, per_epoch)
                 order = batch_order(tc.seed, epoch, n)
-                idx = order[pos * tc.batch_size : (pos + 1) * tc.batch_size].to(self.device)
+                idx = order[pos * tc.batch_size : (pos + 1) * tc.batch_size]
+                idx = idx.tensor_split(self.world)[self.rank].to(self.device)  # this rank's share
                 kl_w, l2_w = self.ramps(self.step)
                 terms = self.train_step(idx, kl_w, l2_w)
                 self.bad_in_a_row = 0 if terms else self.bad_in_a_row + 1
@@ -210,7 +253,9 @@ class Trainer:
                     acc, self.acc = self.acc, {}  # the checkpoint holds a complete period
                     early = self.end_of_period(acc, kl_w, l2_w, ramps_end, epoch)
                     bar.set_postfix_str(self.postfix())
-                why = self.stop_reason(early, caught["signum"])
+                signum, out_of_time = self.agree(
+                    caught["signum"], tc.max_minutes > 0 and self.elapsed > 60 * tc.max_minutes)
+                why = self.stop_reason(early, int(signum), out_of_time)
             if self.acc and why != "diverged":  # stopped between two evaluations
                 # checkpoint first: a resumed run goes on as if never stopped, without the
                 # final row below (which steps no scheduler and no patience)
@@ -218,12 +263,12 @@ class Trainer:
                 if why != "interrupted":
                     self.end_of_period(dict(self.acc), kl_w, l2_w, ramps_end, epoch, final=True)
         bar.close()
-        self.signum = caught["signum"]
-        if why in ("early stopping", "time limit"):
+        self.signum = caught["signum"] or int(signum)
+        if why in ("early stopping", "time limit") and self.rank == 0:
             tqdm.write(f"stopping at step {self.step}: {why}")
         return why or "done"
 
-    def stop_reason(self, early: bool, signum: int) -> str:
+    def stop_reason(self, early: bool, signum: int, out_of_time: bool) -> str:
         tc = self.tcfg
         if early:
             return "early stopping"
@@ -231,7 +276,7 @@ class Trainer:
             return "diverged"
         if signum:
             return "interrupted"
-        if tc.max_minutes > 0 and self.elapsed > 60 * tc.max_minutes:
+        if out_of_time:
             return "time limit"
         return ""
 
@@ -241,12 +286,15 @@ class Trainer:
         checkpoint only (fit has saved ckpt_last.pt; the scheduler and patience count full
         periods, so that a resumed run equals an uninterrupted one)."""
         tc = self.tcfg
+        acc = self.rank_mean(acc)
         n, bad = acc.pop("n"), acc.pop("bad", 0)
         row = {"step": self.step, "epoch": epoch, "elapsed_s": round(self.elapsed, 2),
                "lr": self.opt.param_groups[0]["lr"], "kl_weight": kl_w, "l2_weight": l2_w,
                "bad_steps": bad}  # skipped for a non-finite loss or gradient
         row.update({f"train_{k}": v / n for k, v in acc.items()})  # none if every step was bad
-        valid = self.evaluate(self.session.valid, sv=self.sv_valid)
+        # rank 0 evaluates, the others wait for its numbers: all then decide alike
+        valid = from_rank0(self.evaluate(self.session.valid, sv=self.sv_valid)
+                           if self.rank == 0 else None)
         valid["total"] = self.model.total_loss(valid, kl_w, l2_w)
         row.update({f"valid_{k}": v for k, v in valid.items()})
         self.rows.append(row)
@@ -271,12 +319,28 @@ class Trainer:
         return s + (f" R2 {r['valid_r2']:.3f}" if "valid_r2" in r else "")
 
     def write_metrics(self) -> None:
+        if self.rank:
+            return
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=keys)
         w.writeheader()
         w.writerows(self.rows)
         atomic_write_text(os.path.join(self.run_dir, "metrics.csv"), buf.getvalue())
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def rate_metrics(rates, split, mcfg: LFADSConfig) -> dict:

@@ -7,6 +7,7 @@ from src import bench
 from src.bench_speed import CONFIGS, forward_flops
 from src.model import LFADS, LFADSConfig
 from src.reference import gru_step, reference_forward
+from src.utils import autocast
 
 
 def pair(co_dim, ext_dim, sample, seed=0):
@@ -64,10 +65,36 @@ def test_flop_count_matches_the_documented_mc_maze_total():
 
 def test_speed_bench_runs_in_a_tiny_configuration(capsys):
     assert bench.main(["speed", "--configs", "tiny", "--steps", "2", "--warmup", "1",
-                       "--threads", "1"]) == 0
+                       "--threads", "1", "--precision", "fp32", "bf16"]) == 0
     out = capsys.readouterr().out
-    assert "x the reference path" in out and "% of peak" in out
-    assert "| tiny | 1 | fast |" in out and "| tiny | 1 | reference |" in out
+    assert "x the reference path (fp32)" in out and "% of fp32 peak" in out
+    assert "bf16 is" in out and "x fp32 on the fast path" in out
+    for path in ("fast", "reference"):
+        assert f"| tiny | 1 | {path} | fp32 |" in out and f"| tiny | 1 | {path} | bf16 |" in out
+
+
+def test_bf16_autocast_rounds_the_products_only():
+    """Under --precision bf16 the rates follow the float32 ones to bf16's rounding, and the
+    loss terms, weights and gradients stay float32."""
+    cfg = LFADSConfig(n_in=20, n_out=25, t_enc=30, t_rec=35, gen_dim=64, fac_dim=16)
+    torch.manual_seed(0)
+    model = LFADS(cfg).eval()
+    recon = torch.poisson(torch.rand(8, 35, 25) * 2)
+    outs = []
+    for precision in ("fp32", "bf16"):
+        model.zero_grad()
+        with autocast("cpu", precision):
+            out = model(recon[:, :30, :20], recon, sample=False)
+        model.total_loss(out.losses, 1.0, 1.0).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+        assert all(v.dtype == torch.float32 for v in out.losses.values())
+        outs.append(out)
+    f32, b16 = outs
+    assert b16.log_rates.dtype == torch.float32
+    err = (b16.log_rates - f32.log_rates).abs().max().item()
+    assert 0 < err < 0.05  # rounded (not float32 in disguise), and only by bf16's 3 digits
+    assert b16.losses["recon"].item() == pytest.approx(f32.losses["recon"].item(), rel=1e-2)
 
 
 def test_bench_without_a_name_prints_usage(capsys):
