@@ -58,8 +58,12 @@ def test_pulse_scores():
     co[np.arange(4), t + np.array([0, 1, -2, 0])] = 5.0  # found, within the tolerance
     s = bench_quality.pulse_scores(co, t)
     assert s["pulse_hits"] == 1.0 and s["pulse_err_median"] <= 1 and s["pulse_corr"] > 0.3
+    assert s["pulse_offset_median"] == 0
     co[3, 50] = 10.0  # one trial's largest input far from its pulse
     assert bench_quality.pulse_scores(co, t)["pulse_hits"] == 0.75
+    co[np.arange(4), t - 4] = 20.0  # every peak 4 bins early: found within 5 bins only
+    s = bench_quality.pulse_scores(co, t)
+    assert s["pulse_hits"] == 0 and s["pulse_hits_5"] == 1 and s["pulse_offset_median"] == -4
 
 
 def test_sample_validation_elements_never_train():
@@ -130,3 +134,12 @@ def test_quality_bench_end_to_end_in_a_tiny_configuration(tmp_path, capsys):
     lines = (out / "quality.md").read_text().splitlines()
     assert [ln.split(" | ")[0] for ln in lines[2:]] == ["| lorenz", "| chaotic_rnn",
                                                         "| chaotic_rnn_pulses"]
+    # --rescore scores the trained run again, without training it
+    before = (out / "runs/chaotic_rnn_pulses/ckpt_last.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert bench_quality.main([*argv, "--only", "chaotic_rnn_pulses", "--rescore"]) == 0
+    again = capsys.readouterr().out
+    assert "scoring" in again and "python -m src.main" not in again
+    assert (out / "runs/chaotic_rnn_pulses/ckpt_last.pt").stat().st_mtime_ns == before
+    rescored = json.loads((out / "rows.json").read_text())["chaotic_rnn_pulses"]
+    assert rescored["steps"] == saved["chaotic_rnn_pulses"]["steps"] and "pulse_hits_5" in rescored
