@@ -7,7 +7,7 @@ spike counts, optional truth, external inputs and trial indices, and a `bin_size
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
@@ -38,6 +38,7 @@ class Session:
     train: Split
     valid: Split
     test_encod: torch.Tensor | None  # (trials, T_enc, N_in) encoder input only
+    align: dict = field(default_factory=dict)  # the ALIGN_ATTRS the file has, e.g. IBL's event
 
     @property
     def sizes(self) -> dict:
@@ -46,6 +47,10 @@ class Session:
         return dict(n_in=self.train.encod.shape[2], n_out=self.train.recon.shape[2],
                     t_enc=self.train.encod.shape[1], t_rec=self.train.recon.shape[1],
                     ext_dim=0 if ext is None else ext.shape[2])
+
+
+# file attributes that say what a bin is: sessions stitched together must agree on them
+ALIGN_ATTRS = ("align_event", "t_before", "t_after")
 
 
 def find_session_files(data: str | None, ins: str | None, data_dir: str) -> list[str]:
@@ -163,6 +168,31 @@ def load_session(path: str) -> Session:
         if test is not None and test.shape[1:] != train.encod.shape[1:]:
             raise DataError(f"{path}: 'test_encod_data' has shape {test.shape}; expected "
                             f"(trials, {train.encod.shape[1]}, {train.encod.shape[2]})")
+        align = {k: _plain(f.attrs[k]) for k in ALIGN_ATTRS if k in f.attrs}
     name = os.path.splitext(os.path.basename(path))[0]
     test_t = None if test is None else torch.from_numpy(test.astype(np.float32))
-    return Session(path, name, bin_size, train, valid, test_t)
+    return Session(path, name, bin_size, train, valid, test_t, align)
+
+
+def _plain(v):
+    return v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v
+
+
+def check_compatible(sessions: list[Session]) -> None:
+    """Sessions trained as one stitched model must share what a bin means (bin size and
+    alignment) and the shared network's sizes: encoder and reconstructed bins, external
+    inputs. Neuron and trial counts may differ. Bin counts are kept equal because the
+    generator and controller run a fixed T_rec steps and the controller input is padded by
+    T_rec - T_enc: files prepared with the same window always agree."""
+    first = sessions[0]
+    for s in sessions[1:]:
+        pairs = [("bin_size", first.bin_size, s.bin_size)]
+        pairs += [(k, first.align.get(k, "not set"), s.align.get(k, "not set"))
+                  for k in ALIGN_ATTRS]
+        pairs += [(k, first.sizes[k], s.sizes[k]) for k in ("t_enc", "t_rec", "ext_dim")]
+        for key, a, b in pairs:
+            if a != b:
+                raise DataError(f"cannot stitch {first.path} and {s.path}: {key} is {a} in "
+                                f"the first and {b} in the second. Sessions trained together "
+                                "need the same bin size, alignment and bins per trial; "
+                                "prepare them alike, or train them one at a time with --data")

@@ -13,13 +13,13 @@ FIELDS = {"rates": "log_rates", "factors": "factors", "gen_states": "gen_states"
 
 @torch.no_grad()
 def posterior_average(model, encod, ext=None, n_samples: int = 50, batch_size: int = 256,
-                      device="cpu", precision: str = "fp32") -> dict:
+                      device="cpu", precision: str = "fp32", session: int = 0) -> dict:
     """Average every output over `n_samples` posterior samples (0: use posterior means).
 
     lfads-torch averages 50 samples; the mean of sampled rates differs from the rate of the
     mean path because the map to rates is non-linear. Works batch by batch, so memory stays
     flat however many trials the split has. Returns numpy arrays, rates as counts per bin.
-    """
+    session: which read-in and read-out of a stitched model (src/stitch.py)."""
     model.eval()
     sums = {k: [] for k in FIELDS}
     for i in range(0, len(encod), batch_size):
@@ -28,7 +28,7 @@ def posterior_average(model, encod, ext=None, n_samples: int = 50, batch_size: i
         acc = {}
         for _ in range(max(n_samples, 1)):
             with autocast(device, precision):
-                out = model(x, ext=e, sample=n_samples > 0)
+                out = model(x, ext=e, sample=n_samples > 0, session=session)
             for key, attr in FIELDS.items():
                 v = getattr(out, attr)
                 if v is None:

@@ -1,8 +1,9 @@
 """Train LFADS on a session file and write a run folder.
 
-    python -m src.main                       # the one session file in ./data
+    python -m src.main                       # every session file in ./data (several: stitched)
     python -m src.main --ins <pid>           # ./data/<pid>.h5
     python -m src.main --data path/to.h5 --gen_dim 100 --max_steps 500
+    python -m src.main --data 'data/*.h5'    # one stitched model over several sessions
     python -m src.main --resume results/<run>
 
 Every field of LFADSConfig (src/model.py) and TrainConfig (src/trainer.py) is a flag.
@@ -10,6 +11,7 @@ Every field of LFADSConfig (src/model.py) and TrainConfig (src/trainer.py) is a 
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import shlex
@@ -18,9 +20,10 @@ import time
 
 import torch
 
-from src.data import DataError, find_session_files, load_session
+from src.data import DataError, check_compatible, find_session_files, load_session
 from src.infer import posterior_average, write_outputs
 from src.model import LFADS, LFADSConfig
+from src.stitch import stitched_sizes
 from src.trainer import TrainConfig, Trainer, rate_metrics, write_config
 from src.utils import (
     atomic_write_text,
@@ -34,12 +37,14 @@ from src.utils import (
     world,
 )
 
-DATA_SIZES = ("n_in", "n_out", "t_enc", "t_rec", "ext_dim")  # read from the file, not flags
+# read from the files, not flags
+DATA_SIZES = ("n_in", "n_out", "t_enc", "t_rec", "ext_dim", "session_n_in", "session_n_out")
 CHOICES = {"precision": ("fp32", "bf16")}  # fields with a fixed set of values
 CKPT_KEYS = {"model", "optimizer", "scheduler", "step", "rng", "model_config", "train_config",
              "session"}
 # what --overwrite deletes first: a stale best checkpoint would be exported as the new run's
 RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.csv", "summary.json", "lfads_output.h5")
+RUN_GLOBS = ("lfads_output_*.h5",)  # the per-session outputs of a stitched run
 
 
 def parse_bool(s: str) -> bool:
@@ -53,7 +58,8 @@ def parse_bool(s: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m src.main", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="a session .h5 file (default: the one file in --data-dir)")
+    p.add_argument("--data", help="a session .h5 file, or a quoted glob of several: one "
+                   "stitched model (default: every file in --data-dir)")
     p.add_argument("--ins", help="an insertion id: trains on <data-dir>/<ins>.h5")
     p.add_argument("--data-dir", default="data", help="folder of session files (default: data)")
     p.add_argument("--results-dir", default="results", help="where run folders go")
@@ -112,6 +118,19 @@ def writable(run_dir: str) -> None:
                         f"{e.filename or run_dir}); pick another place with --results-dir") from e
 
 
+def load_sessions(files: list[str]):
+    """One Session, or for several files a list of compatible ones, and their data sizes."""
+    if len(files) == 1:
+        session = load_session(files[0])
+        return session, session.sizes
+    sessions = [load_session(f) for f in files]
+    check_compatible(sessions)
+    names = [s.name for s in sessions]
+    if len(set(names)) < len(names):  # outputs and metrics are named after the sessions
+        raise DataError(f"several session files share a name: {', '.join(files)}")
+    return sessions, stitched_sizes(sessions)
+
+
 def resume_run(args, lead: bool = True, n_proc: int = 1):
     """Configs, data and checkpoint of the run in --resume, checked against each other."""
     ckpt_path = os.path.join(args.resume, "ckpt_last.pt")
@@ -125,10 +144,12 @@ def resume_run(args, lead: bool = True, n_proc: int = 1):
         raise DataError(f"{ckpt_path}: its configuration does not fit this version of the "
                         f"code ({e})") from e
     check_split(tcfg, n_proc)
-    session = load_session(args.data or ckpt["session"])
-    differ = {k: (getattr(mcfg, k), v) for k, v in session.sizes.items() if getattr(mcfg, k) != v}
+    saved_files = ckpt["session"] if isinstance(ckpt["session"], list) else [ckpt["session"]]
+    files = find_session_files(args.data, None, "") if args.data else saved_files
+    session, sizes = load_sessions(files)
+    differ = {k: (getattr(mcfg, k), v) for k, v in sizes.items() if getattr(mcfg, k) != v}
     if differ:
-        raise DataError(f"{session.path} does not fit the checkpoint {ckpt_path}: " + ", ".join(
+        raise DataError(f"{', '.join(files)} does not fit the checkpoint {ckpt_path}: " + ", ".join(
             f"{k} {a} in the checkpoint, {b} in the data" for k, (a, b) in differ.items()))
     saved = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
     if saved != {k: tuple(v.shape) for k, v in LFADS(mcfg).state_dict().items()}:
@@ -154,15 +175,15 @@ def prepare_run(args, lead: bool = True, n_proc: int = 1):
     if args.resume:
         return resume_run(args, lead, n_proc)
     files = find_session_files(args.data, args.ins, args.data_dir)
-    if len(files) > 1:
-        raise DataError(f"found {len(files)} session files ({', '.join(files)}); training on "
-                        "several sessions at once is not supported yet: pick one with --ins "
-                        "or --data")
-    session = load_session(files[0])
-    mcfg = LFADSConfig(**{**overrides(args, LFADSConfig), **session.sizes})
+    session, sizes = load_sessions(files)
+    mcfg = LFADSConfig(**{**overrides(args, LFADSConfig), **sizes})
+    if mcfg.session_n_in and mcfg.readin_dim < 1:
+        raise DataError(f"--readin_dim {mcfg.readin_dim}: several sessions need a shared "
+                        "encoder input of at least 1 dimension")
     tcfg = TrainConfig(**overrides(args, TrainConfig))
     check_split(tcfg, n_proc)
-    run = args.run or f"{session.name}_{time.strftime('%Y%m%d_%H%M%S')}"
+    name = f"stitched{len(session)}" if isinstance(session, list) else session.name
+    run = args.run or f"{name}_{time.strftime('%Y%m%d_%H%M%S')}"
     run_dir = os.path.join(args.results_dir, run)
     if not lead:
         return session, mcfg, tcfg, run_dir, None
@@ -173,24 +194,35 @@ def prepare_run(args, lead: bool = True, n_proc: int = 1):
     for name in RUN_FILES if args.overwrite else ():
         if os.path.exists(os.path.join(run_dir, name)):
             os.remove(os.path.join(run_dir, name))
+    for pattern in RUN_GLOBS if args.overwrite else ():
+        for path in glob.glob(os.path.join(run_dir, pattern)):
+            os.remove(path)
     return session, mcfg, tcfg, run_dir, None
 
 
-def export(trainer, run_dir: str) -> dict:
-    """Posterior-averaged outputs of the best checkpoint (the last if none is better)."""
+def output_name(trainer, session) -> str:
+    """lfads_output.h5, or lfads_output_<session>.h5 for each of several sessions."""
+    return f"lfads_output_{session.name}.h5" if trainer.stitched else "lfads_output.h5"
+
+
+def export(trainer, run_dir: str) -> list[dict]:
+    """Posterior-averaged outputs of the best checkpoint (the last if none is better), one
+    {split: {field: array}} per session."""
     best = os.path.join(run_dir, "ckpt_best.pt")
     if os.path.isfile(best):
         ckpt = torch.load(best, map_location=trainer.device, weights_only=False)  # our own file
         trainer.model.load_state_dict(ckpt["model"])
-    s, n = trainer.session, trainer.tcfg.n_samples
-    splits = {"train": (s.train.encod, s.train.ext), "valid": (s.valid.encod, s.valid.ext)}
-    if s.test_encod is not None:
-        splits["test"] = (s.test_encod, None)
-    outputs = {k: posterior_average(trainer.model, enc, ext, n, device=trainer.device,
-                                    precision=trainer.tcfg.precision)
-               for k, (enc, ext) in splits.items()}
-    write_outputs(os.path.join(run_dir, "lfads_output.h5"), outputs, n)
-    return outputs
+    n, every = trainer.tcfg.n_samples, []
+    for i, s in enumerate(trainer.sessions):
+        splits = {"train": (s.train.encod, s.train.ext), "valid": (s.valid.encod, s.valid.ext)}
+        if s.test_encod is not None:
+            splits["test"] = (s.test_encod, None)
+        outputs = {k: posterior_average(trainer.model, enc, ext, n, device=trainer.device,
+                                        precision=trainer.tcfg.precision, session=i)
+                   for k, (enc, ext) in splits.items()}
+        write_outputs(os.path.join(run_dir, output_name(trainer, s)), outputs, n)
+        every.append(outputs)
+    return every
 
 
 def last_checkpoint(trainer) -> str:
@@ -224,7 +256,10 @@ def main(argv=None) -> int:
     if n_proc > 1:
         init_distributed(args.device or "auto")
     try:
-        return run(args, rank, n_proc)
+        code = run(args, rank, n_proc)
+        if n_proc > 1:  # the others wait while rank 0 writes the outputs: a process that
+            torch.distributed.barrier()  # left the group early was seen to abort in gloo
+        return code
     finally:
         if n_proc > 1:
             torch.distributed.destroy_process_group()
@@ -252,9 +287,16 @@ def run(args, rank: int, n_proc: int) -> int:
     if rank == 0:
         write_config(run_dir, mcfg, tcfg, session)
     procs = f" x {n_proc} processes" if n_proc > 1 else ""
-    say(f"training on {session.path}: {len(session.train)} train / {len(session.valid)} valid "
-        f"trials, {mcfg.t_rec} bins of {session.bin_size * 1e3:g} ms, {mcfg.n_out} neurons "
-        f"({mcfg.n_out - mcfg.n_in} held out); device {device}{procs}; run folder {run_dir}")
+    for s in trainer.sessions:
+        n_in, n_out = s.sizes["n_in"], s.sizes["n_out"]
+        say(f"training on {s.path}: {len(s.train)} train / {len(s.valid)} valid trials, "
+            f"{mcfg.t_rec} bins of {s.bin_size * 1e3:g} ms, {n_out} neurons "
+            f"({n_out - n_in} held out)")
+    if trainer.stitched:
+        say(f"one stitched model over {len(trainer.sessions)} sessions: read-ins to "
+            f"{mcfg.readin_dim} shared dimensions ({trainer.pcr_dims} started by principal-"
+            f"component regression; {'trained' if mcfg.readin_train else 'fixed'})")
+    say(f"device {device}{procs}; run folder {run_dir}")
     launcher = f"torchrun --nproc_per_node={n_proc}" if n_proc > 1 else "python"
     resume = f"{launcher} -m src.main --resume {shlex.quote(run_dir)}"
     try:
@@ -277,12 +319,23 @@ def run(args, rank: int, n_proc: int) -> int:
     if rank > 0:
         return 0
     summary = {"steps": trainer.step, "minutes": round(trainer.elapsed / 60, 2)}
-    summary.update({f"valid_{k}": v for k, v in
-                    rate_metrics(outputs["valid"]["rates"], session.valid, mcfg).items()})
+    each = [rate_metrics(out["valid"]["rates"], s.valid)
+            for s, out in zip(trainer.sessions, outputs)]
+    if trainer.stitched:  # overall: the mean over sessions; then each session's own
+        keys = dict.fromkeys(k for m in each for k in m)
+        summary.update({f"valid_{k}": sum(m[k] for m in each if k in m) /
+                        sum(k in m for m in each) for k in keys})
+        for s, m in zip(trainer.sessions, each):
+            summary.update({f"valid_{s.name}_{k}": v for k, v in m.items()})
+    else:
+        summary.update({f"valid_{k}": v for k, v in each[0].items()})
     atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     if not args.no_plots:
         from src import plots  # matplotlib is slow to import; only when drawing
-        plots.make_all(run_dir, session, trainer.rows, outputs)
+        if trainer.stitched:
+            plots.make_all_stitched(run_dir, trainer.sessions, trainer.rows, outputs)
+        else:
+            plots.make_all(run_dir, session, trainer.rows, outputs[0])
     print(f"done: {run_dir}, valid metrics of the posterior-averaged rates (best checkpoint):")
     print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                            for k, v in summary.items()))

@@ -10,10 +10,15 @@ Legend, used in every shape comment:
     B trials in a batch       T_enc bins the encoders see   T_rec >= T_enc bins reconstructed
     N_in held-in neurons      N >= N_in neurons reconstructed (held-out columns last)
     E external inputs         H a GRU's hidden units       F factors    U inferred inputs
+    R shared encoder input of several stitched sessions (readin_dim)
+
+Several sessions (stitching): each session s has its own N_in and N; a linear read-in maps its
+held-in counts to R shared dimensions that the encoders read, and its own read-out maps the
+shared factors to its N neurons. Encoders, controller and generator are shared.
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -30,6 +35,14 @@ class LFADSConfig:
     t_enc: int = 0  # T_enc, bins the encoders read
     t_rec: int = 0  # T_rec, bins reconstructed; the last T_rec - T_enc are forward prediction
     ext_dim: int = 0  # E, known external inputs to the generator
+    # several sessions (stitching, Pandarinath et al. 2018): sizes filled in from the files;
+    # n_in and n_out are then 0 and each session has its own read-in and read-out
+    session_n_in: list = field(default_factory=list)  # N_in of each session; [] = one session
+    session_n_out: list = field(default_factory=list)  # N of each session
+    readin_dim: int = 32  # several sessions: dimensions of the shared encoder input that each
+    #                       session's read-in maps its neurons to; unused for one session
+    readin_train: bool = True  # several sessions: train the read-ins (False: keep their
+    #                            principal-component-regression initialisation, src/stitch.py)
     # network sizes; lfads-torch's NLB MC_Maze values in brackets
     ic_enc_dim: int = 64  # units per direction of the initial-condition encoder GRU [64]
     ci_enc_dim: int = 64  # units per direction of the controller-input encoder GRU [64]
@@ -170,13 +183,17 @@ class Output:
 class LFADS(nn.Module):
     def __init__(self, cfg: LFADSConfig):
         super().__init__()
-        assert cfg.n_in > 0 and cfg.n_out >= cfg.n_in and cfg.t_rec >= cfg.t_enc > 0, cfg
+        self.stitched = len(cfg.session_n_in) > 0
+        n_in = cfg.readin_dim if self.stitched else cfg.n_in  # what the encoders read
+        sizes = zip(cfg.session_n_in, cfg.session_n_out) if self.stitched else [(n_in, cfg.n_out)]
+        assert all(0 < a <= b for a, b in sizes) and cfg.t_rec >= cfg.t_enc > 0, cfg
+        assert not self.stitched or len(cfg.session_n_in) == len(cfg.session_n_out) and n_in > 0
         self.cfg = cfg
-        # encoders: bidirectional GRUs over the held-in spike counts
-        self.ic_enc = bidirectional_gru(cfg.n_in, cfg.ic_enc_dim)
+        # encoders: bidirectional GRUs over the held-in spike counts (or their read-ins)
+        self.ic_enc = bidirectional_gru(n_in, cfg.ic_enc_dim)
         self.ic_post = nn.Linear(2 * cfg.ic_enc_dim, 2 * cfg.ic_dim)  # -> mean, log variance
         if cfg.co_dim > 0:
-            self.ci_enc = bidirectional_gru(cfg.n_in, cfg.ci_enc_dim)
+            self.ci_enc = bidirectional_gru(n_in, cfg.ci_enc_dim)
             self.con = GRUCell(2 * cfg.ci_enc_dim + cfg.fac_dim, cfg.con_dim)
             self.con_h0 = nn.Parameter(torch.zeros(cfg.con_dim))
             self.co_post = nn.Linear(cfg.con_dim, 2 * cfg.co_dim)  # -> mean, log variance
@@ -188,8 +205,18 @@ class LFADS(nn.Module):
         self.ic_to_g0 = nn.Linear(cfg.ic_dim, cfg.gen_dim)
         self.gen = GRUCell(cfg.co_dim + cfg.ext_dim, cfg.gen_dim)
         self.fac = nn.Linear(cfg.gen_dim, cfg.fac_dim, bias=False)
-        self.readout = nn.Linear(cfg.fac_dim, cfg.n_out)
+        if not self.stitched:
+            self.readout = nn.Linear(cfg.fac_dim, cfg.n_out)
         self.ic_prior_mean = nn.Parameter(torch.zeros(cfg.ic_dim))
+        if self.stitched:  # created last: one session's weights draw the same numbers as ever
+            # read-ins with a bias: the PCR initialisation (src/stitch.py) centres each
+            # session's counts through it
+            self.readin = nn.ModuleList(nn.Linear(n, cfg.readin_dim) for n in cfg.session_n_in)
+            self.readin.requires_grad_(cfg.readin_train)
+            self.readout = nn.ModuleList(nn.Linear(cfg.fac_dim, n) for n in cfg.session_n_out)
+
+    def readout_of(self, session: int) -> nn.Linear:
+        return self.readout[session] if self.stitched else self.readout
 
     def keep_mask(self, *shape, device=None) -> torch.Tensor:
         """Dropout as a multiplier: 0 with probability p, else 1 / (1 - p); all ones in eval.
@@ -205,10 +232,10 @@ class LFADS(nn.Module):
     def dropout(self, x):
         return x * self.keep_mask(*x.shape, device=x.device)
 
-    def init_readout_bias(self, mean_counts: torch.Tensor):
+    def init_readout_bias(self, mean_counts: torch.Tensor, session: int = 0):
         """Start each neuron's log rate at its mean count per bin: training skips a slow phase."""
         with torch.no_grad():
-            self.readout.bias.copy_(torch.log(mean_counts.clamp_min(1e-3)))
+            self.readout_of(session).bias.copy_(torch.log(mean_counts.clamp_min(1e-3)))
 
     # --- encoders ------------------------------------------------------------
 
@@ -281,10 +308,12 @@ class LFADS(nn.Module):
 
     # --- the whole pass ------------------------------------------------------------
 
-    def forward(self, encod, recon=None, ext=None, sample: bool = True, sv_mask=None) -> Output:
+    def forward(self, encod, recon=None, ext=None, sample: bool = True, sv_mask=None,
+                session: int = 0) -> Output:
         """encod: (B, T_enc, N_in) counts; recon: (B, T_rec, N) counts, for the loss; ext:
         (B, T_rec, E). `sample` draws from the posteriors, else uses their means. sv_mask:
-        (B, T_enc, N_in) bool, True where an element is held out for sample validation."""
+        (B, T_enc, N_in) bool, True where an element is held out for sample validation.
+        session: which session's read-in and read-out, when several are stitched."""
         cfg = self.cfg
         x = encod.float()
         if sv_mask is not None:
@@ -298,11 +327,14 @@ class LFADS(nn.Module):
             cd_keep = torch.rand_like(x) >= cfg.cd_rate
             x = x * cd_keep / (1 - cfg.cd_rate)
         x = self.dropout(x)
+        if self.stitched:  # dropout above acts on neurons, as for one session
+            x = self.readin[session](x)  # (B, T_enc, N_in) -> (B, T_enc, R)
         ic_mean, ic_std = self.encode_ic(x)
         ic = ic_mean + ic_std * torch.randn_like(ic_std) if sample else ic_mean
         ci = self.encode_ci(x) if cfg.co_dim else None
         gens, facs, co_mean, co_std, u = self.generate(ic, ci, ext, sample)
-        out = Output(self.readout(facs), facs, gens, ic_mean, ic_std, co_mean, co_std, u).float()
+        log_rates = self.readout_of(session)(facs)  # (B, T_rec, F) -> (B, T_rec, N)
+        out = Output(log_rates, facs, gens, ic_mean, ic_std, co_mean, co_std, u).float()
         if recon is not None:
             # the loss in float32 even under autocast: a Poisson likelihood summed over
             # thousands of bins loses its last digits in bfloat16's 8-bit mantissa
@@ -317,16 +349,17 @@ class LFADS(nn.Module):
         nll = torch.exp(out.log_rates) - k * out.log_rates + log_factorial(k)  # (B, T_rec, N)
         terms = {}
         if sv_mask is not None:
+            # (sizes from the masks, not the config: they differ between stitched sessions)
             # held-out elements: their cost is logged but never trained on (detached, and
             # zeroed in the reconstruction term); it rises when the model over-fits
-            pad = (0, cfg.n_out - cfg.n_in, 0, cfg.t_rec - cfg.t_enc)
+            pad = (0, k.shape[2] - sv_mask.shape[2], 0, cfg.t_rec - cfg.t_enc)
             sv = F.pad(sv_mask, pad)  # (B, T_enc, N_in) -> (B, T_rec, N)
             terms["recon_sv"] = torch.where(sv, nll, 0.0).sum((1, 2)).mean().detach()
             nll = torch.where(sv, 0.0, nll)
         if cd_keep is not None:
             # gradient only through elements the encoders did not see; the value is unchanged.
             # Held-out neurons and forward-prediction bins are never seen, so always count.
-            pad = (0, cfg.n_out - cfg.n_in, 0, cfg.t_rec - cfg.t_enc)
+            pad = (0, k.shape[2] - cd_keep.shape[2], 0, cfg.t_rec - cfg.t_enc)
             seen = F.pad(cd_keep.float(), pad) > 0  # (B, T_enc, N_in) -> (B, T_rec, N)
             nll = torch.where(seen, nll.detach(), nll)
         ic_var_p = torch.full_like(out.ic_mean, cfg.ic_prior_var)

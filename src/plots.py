@@ -47,7 +47,7 @@ def curves(rows, run_dir):
     save(fig, run_dir, "curves.png")
 
 
-def spikes_and_rates(session, out, run_dir, trials=(0, 1, 2)):
+def spikes_and_rates(session, out, run_dir, trials=(0, 1, 2), suffix=""):
     """Measured counts next to inferred rates (and true rates) for a few valid trials."""
     truth = session.valid.truth
     cols = 3 if truth is not None else 2
@@ -67,10 +67,10 @@ def spikes_and_rates(session, out, run_dir, trials=(0, 1, 2)):
             ax.set_title(f"valid trial {tr}: {title}", fontsize=9)
             ax.set_xlabel("bin")
             ax.set_ylabel("neuron")
-    save(fig, run_dir, "rates.png")
+    save(fig, run_dir, f"rates{suffix}.png")
 
 
-def factors(out, run_dir, n_trials=20):
+def factors(out, run_dir, n_trials=20, suffix=""):
     """Factor trajectories projected on their top two principal components."""
     fac = out["factors"][:n_trials]  # (trials, T, F)
     flat = fac.reshape(-1, fac.shape[-1])
@@ -83,20 +83,20 @@ def factors(out, run_dir, n_trials=20):
     axes[0].set(title="factors, PC1 vs PC2 (valid trials)", xlabel="PC1", ylabel="PC2")
     axes[1].plot(out["factors"][0])
     axes[1].set(title="factors of valid trial 0", xlabel="bin")
-    save(fig, run_dir, "factors.png")
+    save(fig, run_dir, f"factors{suffix}.png")
 
 
-def inputs(out, run_dir, trials=(0, 1, 2, 3)):
+def inputs(out, run_dir, trials=(0, 1, 2, 3), suffix=""):
     if "co_means" not in out:
         return
     fig, axes = plt.subplots(1, len(trials), figsize=(3.3 * len(trials), 2.8), squeeze=False)
     for ax, tr in zip(axes[0], trials):
         ax.plot(out["co_means"][tr])
         ax.set(title=f"inferred inputs, valid trial {tr}", xlabel="bin")
-    save(fig, run_dir, "inputs.png")
+    save(fig, run_dir, f"inputs{suffix}.png")
 
 
-def truth(session, out, run_dir, neurons=(0, 1, 2, -1)):
+def truth(session, out, run_dir, neurons=(0, 1, 2, -1), suffix=""):
     """Inferred against true rates: all elements, and example neurons over time."""
     true, pred = session.valid.truth, out["rates"]
     mean_r2, pooled = r2(pred, true)
@@ -115,15 +115,63 @@ def truth(session, out, run_dir, neurons=(0, 1, 2, -1)):
             ax.plot(pred[tr, :, n], c + "--", lw=1)
         kind = "held-out" if n >= n_in else "held-in"
         ax.set(title=f"neuron {n} ({kind}): true -, LFADS --", xlabel="bin")
-    save(fig, run_dir, "truth.png")
+    save(fig, run_dir, f"truth{suffix}.png")
 
 
-def make_all(run_dir, session, rows, outputs):
+def make_all(run_dir, session, rows, outputs, suffix=""):
     valid = outputs["valid"]
     if rows:
         curves(rows, run_dir)
-    spikes_and_rates(session, valid, run_dir)
-    factors(valid, run_dir)
-    inputs(valid, run_dir)
+    spikes_and_rates(session, valid, run_dir, suffix=suffix)
+    factors(valid, run_dir, suffix=suffix)
+    inputs(valid, run_dir, suffix=suffix)
     if session.valid.truth is not None:
-        truth(session, valid, run_dir)
+        truth(session, valid, run_dir, suffix=suffix)
+
+
+def shared_factors(sessions, outputs, run_dir, n_cond=6, max_sessions=6):
+    """Factor trajectories of several stitched sessions in one shared latent space: the
+    condition averages (valid trials; all trials alike when the files have no conditions) of
+    each session, projected on the top three principal components of all of them together.
+    Stitching worked when the same condition traces the same path whatever the session."""
+    from src.stitch import conditions
+
+    pairs = list(zip(sessions, outputs))[:max_sessions]
+    conds = [conditions(s, "valid") for s, _ in pairs]
+    conds = [np.zeros(len(o["valid"]["factors"]), int) if c is None else c
+             for c, (_, o) in zip(conds, pairs)]
+    common = set.intersection(*(set(c.tolist()) for c in conds))  # conditions all sessions have
+    traces = {}  # (session, condition) -> (T_rec, F)
+    for i, ((_, out), cond) in enumerate(zip(pairs, conds)):
+        fac = out["valid"]["factors"]
+        for c in sorted(common)[:n_cond] if common else np.unique(cond)[:n_cond]:
+            traces[i, c] = fac[cond == c].mean(0)
+    flat = np.concatenate(list(traces.values()))  # (traces * T_rec, F)
+    mean = flat.mean(0)
+    _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    fig = plt.figure(figsize=(11, 5))
+    ax3 = fig.add_subplot(1, 2, 1, projection="3d")
+    ax2 = fig.add_subplot(1, 2, 2)
+    styles, colours, labelled = ("-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))), {}, set()
+    for (i, c), tr in traces.items():
+        pcs = (tr - mean) @ vt[:3].T  # (T_rec, F) -> (T_rec, 3)
+        colour = colours.setdefault(c, f"C{len(colours) % 10}")
+        label = None if i in labelled else sessions[i].name
+        labelled.add(i)
+        ax3.plot(*pcs.T, color=colour, ls=styles[i % len(styles)], lw=1)
+        ax2.plot(pcs[:, 0], pcs[:, 1], color=colour, ls=styles[i % len(styles)], lw=1,
+                 label=label)
+    ax3.set(title="shared factors, PC1-3", xlabel="PC1", ylabel="PC2", zlabel="PC3")
+    ax2.set(title="colour: condition, line style: session", xlabel="PC1", ylabel="PC2")
+    ax2.legend(fontsize=7)
+    save(fig, run_dir, "factors_shared.png")
+
+
+def make_all_stitched(run_dir, sessions, rows, outputs):
+    """curves.png for the whole run, the single-session figures of each session (suffix
+    _<session>), and the sessions' factors in their shared latent space."""
+    if rows:
+        curves(rows, run_dir)
+    for s, out in zip(sessions, outputs):
+        make_all(run_dir, s, [], out, suffix=f"_{s.name}")
+    shared_factors(sessions, outputs, run_dir)

@@ -40,7 +40,10 @@ class LorenzConfig:
     base_rate: float = 5.0  # Hz at the latent mean (DESIGN.md section 6: about 5 Hz)
     gain: float = 1.0  # std of each neuron's log rate: rates span about e^-2..e^2 x base
     valid_frac: float = 0.2  # share of trials in the validation split
-    seed: int = 0
+    seed: int = 0  # seeds the latents, then (when readout_seed < 0) read-out, split and spikes
+    readout_seed: int = -1  # >= 0: read-out, split and spikes from this seed instead, so that
+    #                         files with one `seed` share their latents and conditions but not
+    #                         their neurons: sessions to stitch (src/stitch.py)
 
 
 def lorenz_deriv(x: np.ndarray, sigma=10.0, rho=28.0, beta=8.0 / 3.0) -> np.ndarray:
@@ -114,6 +117,8 @@ def poisson_session(truth: np.ndarray, cond: np.ndarray, cfg, rng: np.random.Gen
 def make_lorenz(cfg: LorenzConfig) -> tuple[dict, dict]:
     rng = np.random.default_rng(cfg.seed)
     z = lorenz_latents(cfg, rng)  # (C, T, 3)
+    if cfg.readout_seed >= 0:
+        rng = np.random.default_rng([cfg.seed, cfg.readout_seed])
     w = rng.normal(size=(3, cfg.n_neurons))
     w *= cfg.gain / np.linalg.norm(w, axis=0)  # each neuron's log rate has std `gain`
     rates_hz = cfg.base_rate * np.exp(z @ w)  # (C, T, N)
@@ -212,11 +217,19 @@ def main(argv=None):
     p.add_argument("--seed", type=int, help="default: the config's")
     p.add_argument("--input-magnitude", type=float, default=0.0,
                    help="chaotic_rnn: size of one input pulse per trial (TF LFADS: 20)")
+    p.add_argument("--readout-seed", type=int, default=-1, help="lorenz: seed of the neurons "
+                   "and spikes; files with the same --seed and different --readout-seed share "
+                   "their latents: sessions to stitch")
+    p.add_argument("--neurons", type=int, help="lorenz: neurons (a quarter held out)")
     args = p.parse_args(argv)
     cfg_cls, make = GENERATORS[args.kind]
     cfg = cfg_cls() if args.seed is None else cfg_cls(seed=args.seed)
     if args.kind == "chaotic_rnn":
         cfg.input_magnitude = args.input_magnitude
+    else:
+        cfg.readout_seed = args.readout_seed
+        if args.neurons:
+            cfg.n_neurons, cfg.n_heldout = args.neurons, args.neurons // 4
     data, attrs = make(cfg)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_session(args.out, data, attrs)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from src.data import Session
 from src.metrics import r2, region_bps
 from src.model import LFADS, LFADSConfig
+from src.stitch import pcr_init_readins, pick_batch
 from src.utils import atomic_torch_save, atomic_write_text, autocast, from_rank0, stop_signals
 
 
@@ -75,26 +76,40 @@ def batch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def device_split(split, sv, device) -> dict:
+    """A training split on the device, once: batches are index lookups."""
+    d = {"encod": split.encod, "recon": split.recon, "ext": split.ext, "sv": sv}
+    return {k: None if v is None else v.to(device) for k, v in d.items()}
+
+
 class Trainer:
-    def __init__(self, session: Session, mcfg: LFADSConfig, tcfg: TrainConfig, run_dir: str,
-                 device: torch.device):
+    def __init__(self, session: Session | list[Session], mcfg: LFADSConfig, tcfg: TrainConfig,
+                 run_dir: str, device: torch.device):
+        # several sessions: one stitched model (src/stitch.py); self.session is the first
+        self.sessions = session if isinstance(session, list) else [session]
         self.session, self.mcfg, self.tcfg, self.run_dir, self.device = (
-            session, mcfg, tcfg, run_dir, device)
+            self.sessions[0], mcfg, tcfg, run_dir, device)
         self.model = LFADS(mcfg).to(device)
+        self.stitched = self.model.stitched
         # several processes (torchrun): each trains on its share of every batch and DDP
         # averages the gradients, so all hold the same weights; rank 0 alone writes files
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if \
             dist.is_initialized() else (0, 1)
-        self.net = self.model if self.world == 1 else DistributedDataParallel(self.model)
-        # data moved to the device once; batches are index lookups
-        self.train = {k: v.to(device) if v is not None else None
-                      for k, v in (("encod", session.train.encod), ("recon", session.train.recon),
-                                   ("ext", session.train.ext))}
-        self.train["sv"] = sv_mask(session.train, mcfg.sv_rate, tcfg.seed)
-        if self.train["sv"] is not None:
-            self.train["sv"] = self.train["sv"].to(device)
-        self.sv_valid = sv_mask(session.valid, mcfg.sv_rate, tcfg.seed + 1)
-        self.model.init_readout_bias(session.train.recon.mean((0, 1)).to(device))
+        # a stitched step leaves the other sessions' read-ins and read-outs without gradient
+        self.net = self.model if self.world == 1 else DistributedDataParallel(
+            self.model, find_unused_parameters=self.stitched)
+        # sample-validation masks: seeds seed, seed + 1 for the first session's train and
+        # valid splits (as ever for one session), seed + 2, seed + 3 for the second, ...
+        self.data = [device_split(s.train, sv_mask(s.train, mcfg.sv_rate, tcfg.seed + 2 * i),
+                                  device) for i, s in enumerate(self.sessions)]
+        self.train = self.data[0]
+        self.sv_valids = [sv_mask(s.valid, mcfg.sv_rate, tcfg.seed + 2 * i + 1)
+                          for i, s in enumerate(self.sessions)]
+        self.sv_valid = self.sv_valids[0]
+        for i, s in enumerate(self.sessions):
+            self.model.init_readout_bias(s.train.recon.mean((0, 1)).to(device), i)
+        if self.stitched:
+            self.pcr_dims = pcr_init_readins(self.model, self.sessions)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tcfg.lr, eps=tcfg.adam_eps,
                                      weight_decay=tcfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -115,7 +130,7 @@ class Trainer:
                 "elapsed": self.elapsed, "best": self.best, "bad_evals": self.bad_evals,
                 "rows": self.rows, "acc": self.rank_mean(self.acc),
                 "bad_in_a_row": self.bad_in_a_row, "model_config": asdict(self.mcfg),
-                "train_config": asdict(self.tcfg), "session": self.session.path,
+                "train_config": asdict(self.tcfg), "session": self.session_paths(),
                 "rng": self.all_ranks(rng_state())}  # [rank 0's, rank 1's, ...]
 
     def load_state(self, ckpt: dict) -> None:
@@ -134,6 +149,9 @@ class Trainer:
             if self.rank == 0:
                 print(f"note: the checkpoint was written by {len(rngs)} processes, this "
                       f"run has {self.world}: random streams restart")
+
+    def session_paths(self) -> str | list[str]:
+        return [s.path for s in self.sessions] if self.stitched else self.session.path
 
     def save(self, name: str) -> None:
         state = self.state()  # every rank: the random states are gathered
@@ -173,7 +191,7 @@ class Trainer:
     # --- evaluation ----------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, split, batch_size: int = 512, sv=None) -> dict:
+    def evaluate(self, split, batch_size: int = 512, sv=None, session: int = 0) -> dict:
         """Loss terms at one posterior sample (an honest ELBO estimate) and metrics of the
         rates at the posterior means, over a whole split. sv: the split's sample-validation
         mask, (trials, T_enc, N_in) bool or None."""
@@ -185,8 +203,8 @@ class Trainer:
             ext = None if split.ext is None else split.ext[i : i + batch_size].to(self.device)
             m = None if sv is None else sv[i : i + batch_size].to(self.device)
             with autocast(self.device, self.tcfg.precision):
-                losses = self.model(enc, rec, ext, sample=True, sv_mask=m).losses
-                out = self.model(enc, ext=ext, sample=False, sv_mask=m)
+                losses = self.model(enc, rec, ext, sample=True, sv_mask=m, session=session).losses
+                out = self.model(enc, ext=ext, sample=False, sv_mask=m, session=session)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v.item() * len(enc)
             rates.append(torch.exp(out.log_rates).cpu().numpy())
@@ -196,15 +214,17 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------
 
-    def train_step(self, idx, kl_w: float, l2_w: float) -> dict | None:
-        """One optimiser step on the trials `idx`: the loss terms, or None when the loss or the
-        gradient is not finite. Such a step is skipped: one NaN update would poison the weights
-        and Adam's moments for good."""
+    def train_step(self, idx, kl_w: float, l2_w: float, session: int = 0) -> dict | None:
+        """One optimiser step on the trials `idx` of a session: the loss terms, or None when the
+        loss or the gradient is not finite. Such a step is skipped: one NaN update would poison
+        the weights and Adam's moments for good."""
         self.model.train()
-        ext = None if self.train["ext"] is None else self.train["ext"][idx]
-        sv = None if self.train["sv"] is None else self.train["sv"][idx]
+        data = self.data[session]
+        ext = None if data["ext"] is None else data["ext"][idx]
+        sv = None if data["sv"] is None else data["sv"][idx]
+        kw = {"session": session} if self.stitched else {}
         with autocast(self.device, self.tcfg.precision):
-            out = self.net(self.train["encod"][idx], self.train["recon"][idx], ext, sv_mask=sv)
+            out = self.net(data["encod"][idx], data["recon"][idx], ext, sv_mask=sv, **kw)
         loss = self.model.total_loss(out.losses, kl_w, l2_w)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -225,7 +245,8 @@ class Trainer:
         limit", "interrupted" (SIGINT or SIGTERM; ckpt_last.pt saved) or "diverged"
         (max_bad_steps non-finite steps in a row; ckpt_last.pt left as it was)."""
         tc = self.tcfg
-        n = len(self.session.train)
+        n_train = [len(s.train) for s in self.sessions]
+        n = sum(n_train)  # epochs of a stitched run count trials of all sessions
         per_epoch = max(n // tc.batch_size, 1)  # full batches only: equal-sized steps
         ramps_end = max(tc.kl_start + tc.kl_steps, tc.l2_start + tc.l2_steps)
         t0, why, signum = time.time() - self.elapsed, "", 0
@@ -236,11 +257,14 @@ class Trainer:
         with stop_signals() as caught:
             while self.step < tc.max_steps and not why:
                 epoch, pos = divmod(self.step, per_epoch)
-                order = batch_order(tc.seed, epoch, n)
-                idx = order[pos * tc.batch_size : (pos + 1) * tc.batch_size]
+                if self.stitched:
+                    sess, idx = pick_batch(tc.seed, self.step, n_train, tc.batch_size)
+                else:
+                    order = batch_order(tc.seed, epoch, n)
+                    sess, idx = 0, order[pos * tc.batch_size : (pos + 1) * tc.batch_size]
                 idx = idx.tensor_split(self.world)[self.rank].to(self.device)  # this rank's share
                 kl_w, l2_w = self.ramps(self.step)
-                terms = self.train_step(idx, kl_w, l2_w)
+                terms = self.train_step(idx, kl_w, l2_w, sess)
                 self.bad_in_a_row = 0 if terms else self.bad_in_a_row + 1
                 for k, v in (terms or {"bad": 1}).items():
                     self.acc[k] = self.acc.get(k, 0) + v
@@ -293,8 +317,7 @@ class Trainer:
                "bad_steps": bad}  # skipped for a non-finite loss or gradient
         row.update({f"train_{k}": v / n for k, v in acc.items()})  # none if every step was bad
         # rank 0 evaluates, the others wait for its numbers: all then decide alike
-        valid = from_rank0(self.evaluate(self.session.valid, sv=self.sv_valid)
-                           if self.rank == 0 else None)
+        valid = from_rank0(self.evaluate_valid() if self.rank == 0 else None)
         valid["total"] = self.model.total_loss(valid, kl_w, l2_w)
         row.update({f"valid_{k}": v for k, v in valid.items()})
         self.rows.append(row)
@@ -312,6 +335,25 @@ class Trainer:
         if improved:
             self.save("ckpt_best.pt")
         return tc.patience > 0 and self.bad_evals >= tc.patience
+
+    def evaluate_valid(self) -> dict:
+        """Validation metrics; for stitched sessions each session's under its name
+        ('<name>_co_bps') and overall ones: loss terms per trial over all sessions' trials
+        (what the best checkpoint and early stopping follow), the other metrics the mean over
+        sessions."""
+        if not self.stitched:
+            return self.evaluate(self.session.valid, sv=self.sv_valid)
+        each = [self.evaluate(s.valid, sv=sv, session=i)
+                for i, (s, sv) in enumerate(zip(self.sessions, self.sv_valids))]
+        n = np.array([len(s.valid) for s in self.sessions], float)
+        out = {}
+        for key in dict.fromkeys(k for m in each for k in m):
+            vals = [m.get(key, np.nan) for m in each]
+            loss_term = key in ("recon", "recon_sv", "kl_ic", "kl_co", "l2")
+            out[key] = float(np.dot(vals, n) / n.sum() if loss_term else np.nanmean(vals))
+        for s, m in zip(self.sessions, each):
+            out.update({f"{s.name}_{k}": v for k, v in m.items()})
+        return out
 
     def postfix(self) -> str:
         r = self.rows[-1]
@@ -343,16 +385,20 @@ def set_rng_state(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def rate_metrics(rates, split, mcfg: LFADSConfig) -> dict:
-    """Bits per spike by region and, with ground truth, R2 of rates (all and held-out)."""
-    m = region_bps(rates, split.recon.numpy(), mcfg.n_in, mcfg.t_enc)
+def rate_metrics(rates, split, mcfg: LFADSConfig | None = None) -> dict:
+    """Bits per spike by region and, with ground truth, R2 of rates (all and held-out). The
+    region sizes come from the split: stitched sessions differ in them."""
+    n_in, t_enc = split.encod.shape[2], split.encod.shape[1]
+    m = region_bps(rates, split.recon.numpy(), n_in, t_enc)
     if split.truth is not None:
         m["r2"], m["r2_pooled"] = r2(rates, split.truth)
-        if split.truth.shape[2] > mcfg.n_in:
-            m["r2_heldout"], _ = r2(rates[..., mcfg.n_in :], split.truth[..., mcfg.n_in :])
+        if split.truth.shape[2] > n_in:
+            m["r2_heldout"], _ = r2(rates[..., n_in:], split.truth[..., n_in:])
     return m
 
 
-def write_config(run_dir: str, mcfg: LFADSConfig, tcfg: TrainConfig, session: Session) -> None:
-    cfg = {"model": asdict(mcfg), "train": asdict(tcfg), "data": session.path}
+def write_config(run_dir: str, mcfg: LFADSConfig, tcfg: TrainConfig,
+                 sessions: Session | list[Session]) -> None:
+    paths = [s.path for s in sessions] if isinstance(sessions, list) else sessions.path
+    cfg = {"model": asdict(mcfg), "train": asdict(tcfg), "data": paths}
     atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(cfg, indent=2) + "\n")
