@@ -209,7 +209,7 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + v.item() * len(enc)
             rates.append(torch.exp(out.log_rates).cpu().numpy())
         m = {k: v / len(split) for k, v in totals.items()}
-        m.update(rate_metrics(np.concatenate(rates), split, self.mcfg))
+        m.update(rate_metrics(np.concatenate(rates), split))
         return m
 
     # --- the loop ----------------------------------------------------------------------
@@ -385,7 +385,7 @@ def set_rng_state(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def rate_metrics(rates, split, mcfg: LFADSConfig | None = None) -> dict:
+def rate_metrics(rates, split) -> dict:
     """Bits per spike by region and, with ground truth, R2 of rates (all and held-out). The
     region sizes come from the split: stitched sessions differ in them."""
     n_in, t_enc = split.encod.shape[2], split.encod.shape[1]
