@@ -28,9 +28,10 @@ import torch
 from src import main as lfads_main
 from src.data import load_session
 from src.infer import posterior_average
-from src.metrics import r2, region_bps
+from src.metrics import region_bps
 from src.model import LFADS, LFADSConfig
 from src.synth import ChaoticRNNConfig, LorenzConfig, make_chaotic_rnn, make_lorenz, write_session
+from src.trainer import rate_metrics
 from src.utils import atomic_write_text
 
 PULSE_TOLERANCE = 2  # bins: an inferred pulse this close to the true one counts as found
@@ -126,14 +127,6 @@ def pulse_scores(co_means, pulse_time) -> dict:
             "pulse_offset_median": float(np.median(offset)), "pulse_corr": float(corr)}
 
 
-def scores(rates, split, n_in: int, t_enc: int) -> dict:
-    """R2 against truth (per-neuron mean, pooled, held-out) and bits/spike of one rate array."""
-    m = region_bps(rates, split.recon.numpy(), n_in, t_enc)
-    m["r2"], m["r2_pooled"] = r2(rates, split.truth)
-    m["r2_heldout"], _ = r2(rates[..., n_in:], split.truth[..., n_in:])
-    return m
-
-
 def load_model(run_dir: str) -> LFADS:
     """The best checkpoint of a run (the last if none was better), in eval mode."""
     with open(os.path.join(run_dir, "config.json")) as f:
@@ -159,7 +152,7 @@ def evaluate_run(name: str, data_path: str, run_dir: str, n_samples: int) -> tup
     sampled = posterior_average(model, valid.encod, valid.ext, n_samples)
     sample_s = time.time() - t0
     means = posterior_average(model, valid.encod, valid.ext, 0)
-    s, m = scores(sampled["rates"], valid, n_in, t_enc), scores(means["rates"], valid, n_in, t_enc)
+    s, m = rate_metrics(sampled["rates"], valid), rate_metrics(means["rates"], valid)
     ceiling = region_bps(valid.truth, valid.recon.numpy(), n_in, t_enc)
     row = {"dataset": name, "train_trials": len(session.train), "valid_trials": len(valid),
            "bins": model.cfg.t_rec, "neurons": model.cfg.n_out, "heldout": model.cfg.n_out - n_in,

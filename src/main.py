@@ -24,7 +24,7 @@ from src.data import DataError, check_compatible, find_session_files, load_sessi
 from src.infer import posterior_average, write_outputs
 from src.model import LFADS, LFADSConfig
 from src.stitch import stitched_sizes
-from src.trainer import TrainConfig, Trainer, rate_metrics, write_config
+from src.trainer import TrainConfig, Trainer, over_sessions, rate_metrics, write_config
 from src.utils import (
     atomic_write_text,
     check_writable,
@@ -42,9 +42,9 @@ DATA_SIZES = ("n_in", "n_out", "t_enc", "t_rec", "ext_dim", "session_n_in", "ses
 CHOICES = {"precision": ("fp32", "bf16")}  # fields with a fixed set of values
 CKPT_KEYS = {"model", "optimizer", "scheduler", "step", "rng", "model_config", "train_config",
              "session"}
-# what --overwrite deletes first: a stale best checkpoint would be exported as the new run's
-RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.csv", "summary.json", "lfads_output.h5")
-RUN_GLOBS = ("lfads_output_*.h5",)  # the per-session outputs of a stitched run
+# what --overwrite deletes first: a stale best checkpoint would be exported as the new run's;
+# lfads_output*.h5 covers a stitched run's lfads_output_<session>.h5 too
+RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.csv", "summary.json", "lfads_output*.h5")
 
 
 def parse_bool(s: str) -> bool:
@@ -191,10 +191,7 @@ def prepare_run(args, lead: bool = True, n_proc: int = 1):
         raise DataError(f"run folder {run_dir} exists: continue it with --resume {run_dir}, or "
                         "replace it with --overwrite")
     writable(run_dir)
-    for name in RUN_FILES if args.overwrite else ():
-        if os.path.exists(os.path.join(run_dir, name)):
-            os.remove(os.path.join(run_dir, name))
-    for pattern in RUN_GLOBS if args.overwrite else ():
+    for pattern in RUN_FILES if args.overwrite else ():
         for path in glob.glob(os.path.join(run_dir, pattern)):
             os.remove(path)
     return session, mcfg, tcfg, run_dir, None
@@ -321,14 +318,8 @@ def run(args, rank: int, n_proc: int) -> int:
     summary = {"steps": trainer.step, "minutes": round(trainer.elapsed / 60, 2)}
     each = [rate_metrics(out["valid"]["rates"], s.valid)
             for s, out in zip(trainer.sessions, outputs)]
-    if trainer.stitched:  # overall: the mean over sessions; then each session's own
-        keys = dict.fromkeys(k for m in each for k in m)
-        summary.update({f"valid_{k}": sum(m[k] for m in each if k in m) /
-                        sum(k in m for m in each) for k in keys})
-        for s, m in zip(trainer.sessions, each):
-            summary.update({f"valid_{s.name}_{k}": v for k, v in m.items()})
-    else:
-        summary.update({f"valid_{k}": v for k, v in each[0].items()})
+    valid = over_sessions(trainer.sessions, each) if trainer.stitched else each[0]
+    summary.update({f"valid_{k}": v for k, v in valid.items()})
     atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     if not args.no_plots:
         from src import plots  # matplotlib is slow to import; only when drawing

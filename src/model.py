@@ -98,6 +98,14 @@ def ar1_logprob(u, log_tau, log_var):
     return lp0.sum(-1) + lpt.sum((1, 2))
 
 
+def pad_like(mask, counts):
+    """A (B, T_enc, N_in) bool mask of encoder input, False-padded to the (B, T_rec, N) of the
+    reconstructed counts: held-out neurons and forward-prediction bins are never input. Sizes
+    come from the tensors, not the config: they differ between stitched sessions."""
+    pad = (0, counts.shape[2] - mask.shape[2], 0, counts.shape[1] - mask.shape[1])
+    return F.pad(mask.float(), pad) > 0
+
+
 def log_factorial(k):
     """log k! of integer-valued counts, through a table: lgamma over every element of a batch
     costs more on a CPU than all the dropout masks of a step."""
@@ -349,18 +357,15 @@ class LFADS(nn.Module):
         nll = torch.exp(out.log_rates) - k * out.log_rates + log_factorial(k)  # (B, T_rec, N)
         terms = {}
         if sv_mask is not None:
-            # (sizes from the masks, not the config: they differ between stitched sessions)
             # held-out elements: their cost is logged but never trained on (detached, and
             # zeroed in the reconstruction term); it rises when the model over-fits
-            pad = (0, k.shape[2] - sv_mask.shape[2], 0, cfg.t_rec - cfg.t_enc)
-            sv = F.pad(sv_mask, pad)  # (B, T_enc, N_in) -> (B, T_rec, N)
+            sv = pad_like(sv_mask, k)  # (B, T_enc, N_in) -> (B, T_rec, N)
             terms["recon_sv"] = torch.where(sv, nll, 0.0).sum((1, 2)).mean().detach()
             nll = torch.where(sv, 0.0, nll)
         if cd_keep is not None:
             # gradient only through elements the encoders did not see; the value is unchanged.
             # Held-out neurons and forward-prediction bins are never seen, so always count.
-            pad = (0, k.shape[2] - cd_keep.shape[2], 0, cfg.t_rec - cfg.t_enc)
-            seen = F.pad(cd_keep.float(), pad) > 0  # (B, T_enc, N_in) -> (B, T_rec, N)
+            seen = pad_like(cd_keep, k)  # (B, T_enc, N_in) -> (B, T_rec, N)
             nll = torch.where(seen, nll.detach(), nll)
         ic_var_p = torch.full_like(out.ic_mean, cfg.ic_prior_var)
         kl_ic = kl_normal(out.ic_mean, out.ic_std**2, self.ic_prior_mean, ic_var_p).sum(1)

@@ -337,23 +337,13 @@ class Trainer:
         return tc.patience > 0 and self.bad_evals >= tc.patience
 
     def evaluate_valid(self) -> dict:
-        """Validation metrics; for stitched sessions each session's under its name
-        ('<name>_co_bps') and overall ones: loss terms per trial over all sessions' trials
-        (what the best checkpoint and early stopping follow), the other metrics the mean over
-        sessions."""
+        """Validation metrics; for stitched sessions overall and each session's (over_sessions:
+        the best checkpoint and early stopping follow the overall reconstruction)."""
         if not self.stitched:
             return self.evaluate(self.session.valid, sv=self.sv_valid)
-        each = [self.evaluate(s.valid, sv=sv, session=i)
-                for i, (s, sv) in enumerate(zip(self.sessions, self.sv_valids))]
-        n = np.array([len(s.valid) for s in self.sessions], float)
-        out = {}
-        for key in dict.fromkeys(k for m in each for k in m):
-            vals = [m.get(key, np.nan) for m in each]
-            loss_term = key in ("recon", "recon_sv", "kl_ic", "kl_co", "l2")
-            out[key] = float(np.dot(vals, n) / n.sum() if loss_term else np.nanmean(vals))
-        for s, m in zip(self.sessions, each):
-            out.update({f"{s.name}_{k}": v for k, v in m.items()})
-        return out
+        return over_sessions(self.sessions, [
+            self.evaluate(s.valid, sv=sv, session=i)
+            for i, (s, sv) in enumerate(zip(self.sessions, self.sv_valids))])
 
     def postfix(self) -> str:
         r = self.rows[-1]
@@ -383,6 +373,23 @@ def set_rng_state(rng: dict) -> None:
     random.setstate(rng["python"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+LOSS_TERMS = ("recon", "recon_sv", "kl_ic", "kl_co", "l2")  # nats per trial
+
+
+def over_sessions(sessions: list[Session], each: list[dict]) -> dict:
+    """Validation metrics of stitched sessions, `each` one dict per session: overall ones
+    first (loss terms per trial over all the sessions' trials, the other metrics the mean over
+    the sessions that have them), then each session's under '<name>_<key>'."""
+    n = np.array([len(s.valid) for s in sessions], float)
+    out = {}
+    for key in dict.fromkeys(k for m in each for k in m):
+        vals = [m.get(key, np.nan) for m in each]
+        out[key] = float(np.dot(vals, n) / n.sum() if key in LOSS_TERMS else np.nanmean(vals))
+    for s, m in zip(sessions, each):
+        out.update({f"{s.name}_{k}": v for k, v in m.items()})
+    return out
 
 
 def rate_metrics(rates, split) -> dict:
