@@ -148,8 +148,11 @@ class GRUCell(nn.Module):
         x_rz, x_n = x_proj.split([2 * h.shape[1], h.shape[1]], dim=1)  # (B, 2H), (B, H)
         h_rz, h_n = hh.split([2 * h.shape[1], h.shape[1]], dim=1)
         r, z = torch.sigmoid(x_rz + h_rz).chunk(2, dim=1)  # (B, H) each
-        n = torch.tanh(x_n + r * h_n)
-        return n + z * (h - n)
+        # fused forms, one kernel and one autograd node each instead of two or three:
+        # addcmul(a, b, c) = a + b * c, lerp(n, h, z) = n + z * (h - n)
+        # (lerp wants one dtype: under bf16 autocast n and z are bf16, the state stays float32)
+        n = torch.tanh(torch.addcmul(x_n, r, h_n))
+        return torch.lerp(n.type_as(h), h, z.type_as(h))
 
 
 def init_gate_bias(bias, hidden_size):

@@ -149,23 +149,36 @@ class ChaoticRNNConfig:
     seed: int = 5  # [synth_data_seed 5]
 
 
-def chaotic_rnn_rates(cfg: ChaoticRNNConfig, rng: np.random.Generator, x0: np.ndarray,
-                      pulse_time: np.ndarray | None) -> np.ndarray:
-    """Run the RNN from x0 (trials, N); returns rates in Hz, (trials, T, N).
+def chaotic_rnn_weights(cfg: ChaoticRNNConfig, rng: np.random.Generator) -> tuple:
+    """The RNN's recurrent weights (N, N), W ~ N(0, g^2/N), and input weights (N,), b ~ N(0, 1)
+    (TF LFADS's `Bin`)."""
+    n = cfg.n_neurons
+    return cfg.gain * rng.normal(size=(n, n)) / np.sqrt(n), rng.normal(size=n)
+
+
+def chaotic_rnn_units(x, w, cfg: ChaoticRNNConfig, tanh=np.tanh, kick=None) -> list:
+    """tanh of the RNN's state after each of n_bins steps from x (trials, N): T x (trials, N).
 
     The discretisation of TF LFADS's synthetic_data_utils: x_t = (1 - dt/tau) x_{t-1} +
-    dt/tau (g W tanh(x_{t-1}) + b u_t), with u_t = input_magnitude at the trial's pulse time
-    and 0 elsewhere, b ~ N(0, 1) per unit (their `Bin`).
+    dt/tau (W tanh(x_{t-1}) + u_t), u_t = kick(t) or 0. Numpy arrays or torch tensors alike
+    (pass tanh=torch.tanh): the ideal observer of src/bench_quality.py differentiates it.
     """
-    n, a = cfg.n_neurons, cfg.bin_size / cfg.tau
-    w = cfg.gain * rng.normal(size=(n, n)) / np.sqrt(n)  # W ~ N(0, 1/N)
-    b_in = rng.normal(size=n)  # (N,) input weights
-    x, out = x0, np.empty((len(x0), cfg.n_bins, n))
+    a, out = cfg.bin_size / cfg.tau, []
     for t in range(cfg.n_bins):
-        x = (1 - a) * x + a * np.tanh(x) @ w.T
-        if pulse_time is not None:
-            x = x + a * cfg.input_magnitude * (pulse_time == t)[:, None] * b_in
-        out[:, t] = np.tanh(x)
+        x = (1 - a) * x + a * tanh(x) @ w.T
+        if kick is not None:
+            x = x + a * kick(t)
+        out.append(tanh(x))
+    return out
+
+
+def chaotic_rnn_rates(cfg: ChaoticRNNConfig, w, b_in, x0, pulse_time=None) -> np.ndarray:
+    """Run the RNN from x0 (trials, N), with u_t = input_magnitude b_in at each trial's pulse
+    time when pulse_time is given; returns rates in Hz, (trials, T, N)."""
+    kick = None
+    if pulse_time is not None:
+        kick = lambda t: cfg.input_magnitude * (pulse_time == t)[:, None] * b_in  # noqa: E731
+    out = np.stack(chaotic_rnn_units(x0, w, cfg, kick=kick), axis=1)
     # tanh's (-1, 1) mapped to (0, max_rate) alike in every trial, as TF LFADS does without
     # inputs. With inputs TF LFADS rescales each trial's range instead; we do not: that makes
     # the true rates depend on the whole trial, not on the state, which no dynamical model
@@ -185,8 +198,11 @@ def make_chaotic_rnn(cfg: ChaoticRNNConfig) -> tuple[dict, dict]:
         quarter = cfg.n_bins // 4
         pulse_time = rng.integers(quarter, quarter + cfg.n_bins // 2, size=len(cond))
         extra["pulse_time"] = pulse_time
-    rates_hz = chaotic_rnn_rates(cfg, rng, x0, pulse_time)
+    w, b_in = chaotic_rnn_weights(cfg, rng)
+    rates_hz = chaotic_rnn_rates(cfg, w, b_in, x0, pulse_time)
     data = poisson_session(rates_hz, cond, cfg, rng, extra)
+    # the true system, for the ideal observer (src/bench_quality.py); no part of the contract
+    data["rnn_weights"], data["rnn_input_weights"] = w, b_in
     attrs = {"bin_size": cfg.bin_size, "conversion_factor": 1.0 / cfg.bin_size,
              "generator": "chaotic_rnn", **{f"synth_{k}": v for k, v in vars(cfg).items()}}
     return data, attrs

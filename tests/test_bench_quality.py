@@ -9,7 +9,7 @@ import torch
 from src import bench_quality
 from src.main import main as train_main
 from src.model import LFADS, LFADSConfig
-from src.synth import ChaoticRNNConfig, chaotic_rnn_rates, make_chaotic_rnn
+from src.synth import ChaoticRNNConfig, chaotic_rnn_rates, chaotic_rnn_weights, make_chaotic_rnn
 from tests.test_train import read_metrics
 
 SMALL = dict(n_conditions=4, trials_per_condition=3, n_neurons=12, n_heldout=3, n_bins=40,
@@ -41,8 +41,9 @@ def test_the_pulse_changes_the_rates_from_its_time_on_only():
     cfg = ChaoticRNNConfig(**SMALL, input_magnitude=20.0)
     x0 = np.random.default_rng(0).normal(size=(5, 12))
     pulse = np.array([10, 15, 20, 25, 29])
-    free = chaotic_rnn_rates(cfg, np.random.default_rng(1), x0, None)  # (5, 40, 12)
-    kicked = chaotic_rnn_rates(cfg, np.random.default_rng(1), x0, pulse)
+    w, b_in = chaotic_rnn_weights(cfg, np.random.default_rng(1))
+    free = chaotic_rnn_rates(cfg, w, b_in, x0)  # (5, 40, 12)
+    kicked = chaotic_rnn_rates(cfg, w, b_in, x0, pulse)
     for tr, p in enumerate(pulse):
         # before the pulse the runs are the same up to each unit's normalisation (affine)
         before = [np.corrcoef(free[tr, :p, n], kicked[tr, :p, n])[0, 1] for n in range(12)]
@@ -143,3 +144,22 @@ def test_quality_bench_end_to_end_in_a_tiny_configuration(tmp_path, capsys):
     assert (out / "runs/chaotic_rnn_pulses/ckpt_last.pt").stat().st_mtime_ns == before
     rescored = json.loads((out / "rows.json").read_text())["chaotic_rnn_pulses"]
     assert rescored["steps"] == saved["chaotic_rnn_pulses"]["steps"] and "pulse_hits_5" in rescored
+
+
+def test_ideal_observer_recovers_the_rates_and_is_limited_by_the_spikes(tmp_path):
+    """Given the true RNN, the MAP initial states give rates close to the truth when spikes are
+    plentiful, and worse ones from fewer spikes; data with pulses are declined."""
+    def ideal(max_rate):
+        cfg = ChaoticRNNConfig(n_conditions=20, trials_per_condition=5, n_neurons=20,
+                               n_heldout=5, n_bins=40, n_fp_bins=5, max_rate=max_rate)
+        path = tmp_path / f"crnn_{max_rate}.h5"
+        bench_quality.write_session(str(path), *make_chaotic_rnn(cfg))
+        return bench_quality.ideal_observer(str(path))
+
+    many, few = ideal(300.0), ideal(10.0)  # about 1.5 and 0.05 spikes per bin
+    assert many["r2_ideal"] > 0.9 and many["r2_heldout_ideal"] > 0.8
+    assert few["r2_ideal"] < many["r2_ideal"] - 0.1
+    pulses = tmp_path / "pulses.h5"
+    bench_quality.write_session(str(pulses), *make_chaotic_rnn(
+        ChaoticRNNConfig(**SMALL, input_magnitude=20.0)))
+    assert bench_quality.ideal_observer(str(pulses)) is None
