@@ -10,9 +10,9 @@ best checkpoint on the validation trials twice, with rates averaged over `--samp
 samples and with the posterior means: R2 of rates against the true rates (all neurons and the
 held-out ones), co-bps next to its ceiling (the true rates scored the same way), and, for the
 input-pulse data, how well the inferred inputs locate the pulses; for the chaotic RNN without
-inputs also the R2 of an ideal observer that is given the true RNN (`ideal_observer`), the
-most any model of these spikes can reach. It prints the table and writes it as markdown and
-CSV in `--out`, and figures in `--media`.
+inputs also the R2 of an ideal observer that is given the true RNN (`ideal_observer`): a
+practical ceiling for a model that must learn the dynamics from these spikes. It prints the
+table and writes it as markdown and CSV in `--out`, and figures in `--media`.
 """
 
 import argparse
@@ -147,7 +147,7 @@ def pulse_scores(co_means, pulse_time) -> dict:
 
 
 def ideal_observer(data_path: str, iters: int = 60) -> dict | None:
-    """R2 of an observer that is given the true RNN: a ceiling for any model of these spikes.
+    """R2 of an observer that is given the true RNN: a practical ceiling for LFADS on these data.
 
     For each validation trial it fits the initial state x0 that makes the counts the encoders
     see most likely under the true RNN and the recipe's prior x0 ~ N(0, x0_std^2) (maximum a
@@ -156,8 +156,9 @@ def ideal_observer(data_path: str, iters: int = 60) -> dict | None:
     time: a chaotic trajectory fitted over the whole trial at once, from x0 = 0, sticks in
     poor local optima (R2 below 0), while early bins depend on x0 almost linearly. LFADS must
     learn the dynamics as well; this observer is given them and still cannot undo the Poisson
-    noise. For the chaotic RNN without inputs only (None otherwise): with pulses it would need
-    their times as well.
+    noise. Its fit is local, so a better optimiser might find a little more: a practical
+    ceiling, not a strict one. For the chaotic RNN without inputs only (None otherwise): with
+    pulses it would need their times as well.
     """
     with h5py.File(data_path, "r") as f:
         if "rnn_weights" not in f or "valid_pulse_time" in f:
