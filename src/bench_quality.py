@@ -84,7 +84,8 @@ DATASETS = {
     # pulls the generator away from chaos). No help: dropout 0.2 (0.829), dropout 0.05 with
     # cd_rate 0.1 (0.815), cd_rate 0.5 (0.844), lr 0.004 (0.836), IC encoder 128 (0.836,
     # slower), generator 200 (0.854, 1.6x the time per step). Full runs of these settings:
-    # lr_patience 2 0.882 (7468 steps), 1 0.882 (7864 steps): the decaying lr adds ~0.02 late.
+    # lr_patience 2 0.882 (7468 steps), 1 0.882 (7864 steps): the decaying lr adds ~0.02 late;
+    # with generator 150, 0.881 (5769 steps).
     # The ideal observer (given the true RNN) reaches 0.919 on the same trials
     "chaotic_rnn": Dataset(
         lambda: make_chaotic_rnn(ChaoticRNNConfig()),
