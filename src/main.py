@@ -11,6 +11,7 @@ Every field of LFADSConfig (src/model.py) and TrainConfig (src/trainer.py) is a 
 
 import argparse
 import dataclasses
+import gc
 import glob
 import json
 import os
@@ -259,6 +260,10 @@ def main(argv=None) -> int:
         return code
     finally:
         if n_proc > 1:
+            # the trainer sits in a reference cycle, so its DDP wrapper (which holds the
+            # process group) would otherwise live on until the interpreter shuts down, and
+            # gloo's threads torn down then aborted a rank once (SIGABRT after "done")
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 
