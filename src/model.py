@@ -137,6 +137,9 @@ class GRUCell(nn.Module):
         self.weight_ih, self.weight_hh = ref.weight_ih, ref.weight_hh  # (3H, in), (3H, H)
         self.bias_ih, self.bias_hh = ref.bias_ih, ref.bias_hh  # (3H,), (3H,)
         init_gate_bias(self.bias_ih, hidden_size)
+        # an autonomous generator (no inferred or external inputs) has an empty (3H, 0) input
+        # matrix: nothing to learn, and DistributedDataParallel would wait for its gradient
+        self.weight_ih.requires_grad_(input_size > 0)
 
     def project(self, x):
         return F.linear(x, self.weight_ih, self.bias_ih)  # (..., in) -> (..., 3H)

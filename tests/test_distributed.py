@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -40,10 +41,12 @@ def worker(rank: int, port: int, argv: list, codes: str):
         f.write(str(code))
 
 
-def test_two_processes_train_what_one_process_trains(tiny_h5, tmp_path, monkeypatch):
+# co_dim 0: an autonomous generator has an empty input matrix, which DDP must not wait for
+@pytest.mark.parametrize("model", [[], ["--co_dim", "0"]], ids=["controller", "autonomous"])
+def test_two_processes_train_what_one_process_trains(tiny_h5, tmp_path, monkeypatch, model):
     results = tmp_path / "results"
     argv = ["--data", str(tiny_h5), "--results-dir", str(results), "--max_steps", "6",
-            "--eval_every", "3", "--no-plots", *TINY_MODEL, *DETERMINISTIC]
+            "--eval_every", "3", "--no-plots", *TINY_MODEL, *DETERMINISTIC, *model]
     monkeypatch.setattr(torch, "randn_like", lambda x, **kw: torch.zeros_like(x, **kw))
     monkeypatch.setattr(torch, "randn", lambda *shape, **kw: torch.zeros(*shape, **kw))
     assert main([*argv, "--run", "one"]) == 0
