@@ -337,6 +337,10 @@ def run_one(name: str, args, extra_flags: list) -> dict:
     os.makedirs(data_dir, exist_ok=True)
     path = os.path.join(data_dir, f"{name}.h5")
     if args.rescore:  # score the trained run again, e.g. with new scores
+        if not os.path.isfile(os.path.join(runs, name, "ckpt_last.pt")) or not \
+                os.path.isfile(path):
+            raise SystemExit(f"error: --rescore: no trained {name} run in {args.out}; "
+                             "train it first (without --rescore)")
         print(f"== {name}: scoring {os.path.join(runs, name)} again", flush=True)
     else:
         data, attrs = (TINY[name] if args.tiny else DATASETS[name].make)()

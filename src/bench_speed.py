@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                    help="matrix-product precisions to time (default: %(default)s)")
     a = p.parse_args(argv)
+    if min(a.threads) < 1:
+        p.error(f"--threads {' '.join(map(str, a.threads))}: each count must be at least 1")
     device = torch.device(a.device)
 
     print(FLOP_FORMULA)

@@ -38,6 +38,7 @@ class Session:
     train: Split
     valid: Split
     test_encod: torch.Tensor | None  # (trials, T_enc, N_in) encoder input only
+    test_ext: torch.Tensor | None  # (trials, T_rec, E) the test trials' external inputs
     align: dict = field(default_factory=dict)  # the ALIGN_ATTRS the file has, e.g. IBL's event
 
     @property
@@ -142,6 +143,9 @@ def _split(f, path, split, conversion) -> Split:
 
 
 def load_session(path: str) -> Session:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file (if a run's data moved, resume it with --data "
+                        "and the new path)")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -168,10 +172,22 @@ def load_session(path: str) -> Session:
         if test is not None and test.shape[1:] != train.encod.shape[1:]:
             raise DataError(f"{path}: 'test_encod_data' has shape {test.shape}; expected "
                             f"(trials, {train.encod.shape[1]}, {train.encod.shape[2]})")
+        test_ext = None
+        if test is not None and train.ext is not None:
+            # the generator of a model with external inputs cannot run without them
+            t_rec, e = train.ext.shape[1:]
+            test_ext = _floats(f, path, "test_ext_input", (len(test), t_rec),
+                               f"({len(test)}, {t_rec}, {e}) like 'test_encod_data' and "
+                               "'train_ext_input'")
+            if test_ext is None or test_ext.shape[2] != e:
+                raise DataError(f"{path}: the file has external inputs and 'test_encod_data', "
+                                f"so it needs 'test_ext_input' of shape ({len(test)}, {t_rec}, "
+                                f"{e}) too")
+            test_ext = torch.from_numpy(test_ext)
         align = {k: _plain(f.attrs[k]) for k in ALIGN_ATTRS if k in f.attrs}
     name = os.path.splitext(os.path.basename(path))[0]
     test_t = None if test is None else torch.from_numpy(test.astype(np.float32))
-    return Session(path, name, bin_size, train, valid, test_t, align)
+    return Session(path, name, bin_size, train, valid, test_t, test_ext, align)
 
 
 def _plain(v):

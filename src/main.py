@@ -43,9 +43,11 @@ DATA_SIZES = ("n_in", "n_out", "t_enc", "t_rec", "ext_dim", "session_n_in", "ses
 CHOICES = {"precision": ("fp32", "bf16")}  # fields with a fixed set of values
 CKPT_KEYS = {"model", "optimizer", "scheduler", "step", "rng", "model_config", "train_config",
              "session"}
-# what --overwrite deletes first: a stale best checkpoint would be exported as the new run's;
-# lfads_output*.h5 covers a stitched run's lfads_output_<session>.h5 too
-RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.csv", "summary.json", "lfads_output*.h5")
+# what --overwrite deletes first: a stale best checkpoint would be exported as the new run's,
+# and old figures would sit next to the new outputs; the patterns cover a stitched run's
+# lfads_output_<session>.h5 and rates_<session>.png too (src/plots.py names the figures)
+RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.csv", "summary.json", "lfads_output*.h5",
+             "curves.png", "rates*.png", "factors*.png", "inputs*.png", "truth*.png")
 
 
 def parse_bool(s: str) -> bool:
@@ -144,7 +146,7 @@ def resume_run(args, lead: bool = True, n_proc: int = 1):
     except TypeError as e:  # a field this version of the code does not have
         raise DataError(f"{ckpt_path}: its configuration does not fit this version of the "
                         f"code ({e})") from e
-    check_split(tcfg, n_proc)
+    check_settings(mcfg, tcfg, n_proc)
     saved_files = ckpt["session"] if isinstance(ckpt["session"], list) else [ckpt["session"]]
     files = find_session_files(args.data, None, "") if args.data else saved_files
     session, sizes = load_sessions(files)
@@ -164,10 +166,30 @@ def resume_run(args, lead: bool = True, n_proc: int = 1):
     return session, mcfg, tcfg, args.resume, ckpt
 
 
-def check_split(tcfg: TrainConfig, n_proc: int) -> None:
+def check_settings(mcfg: LFADSConfig, tcfg: TrainConfig, n_proc: int) -> None:
+    """Flags that cannot train, refused before a run folder exists."""
+    sizes = ["ic_enc_dim", "ic_dim", "gen_dim", "fac_dim"]
+    sizes += ["ci_enc_dim", "con_dim"] if mcfg.co_dim > 0 else []
+    for cfg, names in ((mcfg, sizes), (tcfg, ["batch_size", "eval_every"])):
+        for k in names:
+            if getattr(cfg, k) < 1:
+                raise DataError(f"--{k} {getattr(cfg, k)}: must be at least 1")
+    if mcfg.co_dim < 0:
+        raise DataError(f"--co_dim {mcfg.co_dim}: must be 0 (no controller) or more")
+    for k in ("dropout", "cd_rate", "sv_rate"):  # a share of 1 would leave nothing to learn from
+        if not 0 <= getattr(mcfg, k) < 1:
+            raise DataError(f"--{k} {getattr(mcfg, k):g}: must be at least 0 and below 1")
     if tcfg.batch_size % n_proc:  # equal shares, or the averaged gradients are not the batch's
         raise DataError(f"--batch_size {tcfg.batch_size} does not split evenly over {n_proc} "
                         "processes")
+    dev = tcfg.device.split(":")[0]
+    if dev not in ("auto", "cpu", "cuda", "mps"):
+        raise DataError(f"--device {tcfg.device}: expected auto, cpu, cuda (or cuda:N) or mps")
+    mps = getattr(torch.backends, "mps", None)
+    if (dev == "cuda" and not torch.cuda.is_available()) or (
+            dev == "mps" and not (mps and mps.is_available())):
+        raise DataError(f"--device {tcfg.device}: this torch build sees no such device; "
+                        "use --device auto or cpu")
 
 
 def prepare_run(args, lead: bool = True, n_proc: int = 1):
@@ -182,7 +204,7 @@ def prepare_run(args, lead: bool = True, n_proc: int = 1):
         raise DataError(f"--readin_dim {mcfg.readin_dim}: several sessions need a shared "
                         "encoder input of at least 1 dimension")
     tcfg = TrainConfig(**overrides(args, TrainConfig))
-    check_split(tcfg, n_proc)
+    check_settings(mcfg, tcfg, n_proc)
     name = f"stitched{len(session)}" if isinstance(session, list) else session.name
     run = args.run or f"{name}_{time.strftime('%Y%m%d_%H%M%S')}"
     run_dir = os.path.join(args.results_dir, run)
@@ -214,7 +236,7 @@ def export(trainer, run_dir: str) -> list[dict]:
     for i, s in enumerate(trainer.sessions):
         splits = {"train": (s.train.encod, s.train.ext), "valid": (s.valid.encod, s.valid.ext)}
         if s.test_encod is not None:
-            splits["test"] = (s.test_encod, None)
+            splits["test"] = (s.test_encod, s.test_ext)
         outputs = {k: posterior_average(trainer.model, enc, ext, n, device=trainer.device,
                                         precision=trainer.tcfg.precision, session=i)
                    for k, (enc, ext) in splits.items()}

@@ -50,6 +50,7 @@ def curves(rows, run_dir):
 def spikes_and_rates(session, out, run_dir, trials=(0, 1, 2), suffix=""):
     """Measured counts next to inferred rates (and true rates) for a few valid trials."""
     truth = session.valid.truth
+    trials = [t for t in trials if t < len(session.valid)]  # a tiny validation split has fewer
     cols = 3 if truth is not None else 2
     fig, axes = plt.subplots(len(trials), cols, figsize=(4 * cols, 2.6 * len(trials)),
                              squeeze=False)
@@ -79,8 +80,14 @@ def factors(out, run_dir, n_trials=20, suffix=""):
     pcs = (fac - fac.reshape(-1, fac.shape[-1]).mean(0)) @ vt[:2].T  # (trials, T, 2)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for tr in pcs:
-        axes[0].plot(tr[:, 0], tr[:, 1], lw=0.8)
-    axes[0].set(title="factors, PC1 vs PC2 (valid trials)", xlabel="PC1", ylabel="PC2")
+        if pcs.shape[-1] == 2:
+            axes[0].plot(tr[:, 0], tr[:, 1], lw=0.8)
+        else:  # a single factor has no second component: plot it over time
+            axes[0].plot(tr[:, 0], lw=0.8)
+    if pcs.shape[-1] == 2:
+        axes[0].set(title="factors, PC1 vs PC2 (valid trials)", xlabel="PC1", ylabel="PC2")
+    else:
+        axes[0].set(title="the factor, centred (valid trials)", xlabel="bin")
     axes[1].plot(out["factors"][0])
     axes[1].set(title="factors of valid trial 0", xlabel="bin")
     save(fig, run_dir, f"factors{suffix}.png")
@@ -89,6 +96,7 @@ def factors(out, run_dir, n_trials=20, suffix=""):
 def inputs(out, run_dir, trials=(0, 1, 2, 3), suffix=""):
     if "co_means" not in out:
         return
+    trials = [t for t in trials if t < len(out["co_means"])]
     fig, axes = plt.subplots(1, len(trials), figsize=(3.3 * len(trials), 2.8), squeeze=False)
     for ax, tr in zip(axes[0], trials):
         ax.plot(out["co_means"][tr])
@@ -110,7 +118,7 @@ def truth(session, out, run_dir, neurons=(0, 1, 2, -1), suffix=""):
     n_in = session.train.encod.shape[2]
     for ax, n in zip(axes[1:], neurons):
         n = n % true.shape[2]
-        for tr, c in zip(range(3), ("C0", "C1", "C2")):
+        for tr, c in zip(range(min(3, len(true))), ("C0", "C1", "C2")):
             ax.plot(true[tr, :, n], c, lw=1.5, alpha=0.5)
             ax.plot(pred[tr, :, n], c + "--", lw=1)
         kind = "held-out" if n >= n_in else "held-in"

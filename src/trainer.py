@@ -137,6 +137,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
+        self.apply_changed_settings(ckpt["train_config"])
         self.step, self.elapsed = ckpt["step"], ckpt["elapsed"]
         self.best, self.bad_evals, self.rows = ckpt["best"], ckpt["bad_evals"], ckpt["rows"]
         self.acc, self.bad_in_a_row = dict(ckpt.get("acc", {})), ckpt.get("bad_in_a_row", 0)
@@ -149,6 +150,17 @@ class Trainer:
             if self.rank == 0:
                 print(f"note: the checkpoint was written by {len(rngs)} processes, this "
                       f"run has {self.world}: random streams restart")
+
+    def apply_changed_settings(self, saved: dict) -> None:
+        """Optimiser and scheduler settings given anew on --resume take effect: their saved
+        states would otherwise bring back the old ones. An unchanged lr keeps its decayed value."""
+        tc = self.tcfg
+        for group in self.opt.param_groups:
+            for key, field in (("lr", "lr"), ("eps", "adam_eps"), ("weight_decay", "weight_decay")):
+                if saved.get(field) != getattr(tc, field):
+                    group[key] = getattr(tc, field)
+        self.sched.factor, self.sched.patience = tc.lr_decay, tc.lr_patience
+        self.sched.min_lrs = [tc.lr_min] * len(self.opt.param_groups)
 
     def session_paths(self) -> str | list[str]:
         return [s.path for s in self.sessions] if self.stitched else self.session.path
@@ -254,6 +266,12 @@ class Trainer:
         epoch, (kl_w, l2_w) = last // per_epoch, self.ramps(last)
         bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step",
                    dynamic_ncols=True, disable=None if self.rank == 0 else True)
+        # resumed after it stopped early or ran out of time: a larger --patience or
+        # --max_minutes goes on, the same ones train no further step
+        if tc.patience > 0 and self.bad_evals >= tc.patience:
+            why = "early stopping"
+        elif tc.max_minutes > 0 and self.elapsed > 60 * tc.max_minutes:
+            why = "time limit"
         with stop_signals() as caught:
             while self.step < tc.max_steps and not why:
                 epoch, pos = divmod(self.step, per_epoch)
@@ -306,9 +324,9 @@ class Trainer:
 
     def end_of_period(self, acc, kl_w, l2_w, ramps_end, epoch, final=False) -> bool:
         """Validate, log a metrics row, checkpoint, decay the lr; True to stop early. `final`:
-        the shorter last period of a run that stops between evaluations: a row and the best
-        checkpoint only (fit has saved ckpt_last.pt; the scheduler and patience count full
-        periods, so that a resumed run equals an uninterrupted one)."""
+        the shorter last period of a run that stops between evaluations: a row only (fit has
+        saved ckpt_last.pt; the best checkpoint, the scheduler and patience count full periods,
+        so that a resumed run equals an uninterrupted one)."""
         tc = self.tcfg
         acc = self.rank_mean(acc)
         n, bad = acc.pop("n"), acc.pop("bad", 0)
@@ -324,7 +342,7 @@ class Trainer:
         past_ramps = self.step >= ramps_end
         if past_ramps and not final:  # TF LFADS: decay when the training cost stalls
             self.sched.step(row.get("train_total", math.inf))
-        improved = past_ramps and valid["recon"] < self.best
+        improved = past_ramps and not final and valid["recon"] < self.best
         if improved:
             self.best, self.bad_evals = valid["recon"], 0
         elif past_ramps and not final:

@@ -84,6 +84,22 @@ def test_no_data_and_unknown_insertion(tmp_path, capsys):
     assert code == 2 and one_clear_line(err) and "--ins nope: no file" in err
 
 
+# values of the right type that cannot train: refused before a run folder exists
+IMPOSSIBLE = {"--batch_size": "0", "--eval_every": "0", "--gen_dim": "0", "--dropout": "1",
+              "--cd_rate": "1", "--sv_rate": "1.5", "--co_dim": "-1", "--device": "gpu"}
+if not torch.cuda.is_available():
+    IMPOSSIBLE["--device "] = "cuda"  # the space: a second key for the same flag
+
+
+@pytest.mark.parametrize("flag", IMPOSSIBLE)
+def test_a_setting_that_cannot_train(tiny_h5, tmp_path, capsys, flag):
+    value = IMPOSSIBLE[flag]
+    code, err = cli(capsys, "--data", str(tiny_h5), "--results-dir", str(tmp_path / "results"),
+                    flag.strip(), value)
+    assert code == 2 and one_clear_line(err) and f"{flag.strip()} {value}:" in err, err
+    assert not (tmp_path / "results").exists()
+
+
 @pytest.mark.parametrize("flag,value", [("--cd_rate", "lots"), ("--max_steps", "1.5"),
                                         ("--lr", "")])
 def test_a_value_of_the_wrong_type(capsys, flag, value):
@@ -128,12 +144,15 @@ def test_a_checkpoint_that_does_not_fit(tiny_h5, tmp_path, capsys):
 def test_overwrite_leaves_nothing_of_the_old_run(tiny_h5, tmp_path):
     run = tmp_path / "results/r"
     argv = ["--data", str(tiny_h5), "--results-dir", str(tmp_path / "results"), "--run", "r",
-            "--max_steps", "2", "--eval_every", "2", "--no-plots", *TINY_MODEL]
+            "--max_steps", "2", "--eval_every", "2", *TINY_MODEL]
     assert main([*argv, "--kl_steps", "0", "--l2_steps", "0"]) == 0
-    assert (run / "ckpt_best.pt").is_file()
-    # still ramping, the new run saves no best checkpoint: the old one must not be exported
-    assert main([*argv, "--overwrite"]) == 0
+    assert (run / "ckpt_best.pt").is_file() and (run / "inputs.png").is_file()
+    (run / "notes.txt").write_text("the user's own file")
+    # still ramping, the new run saves no best checkpoint: the old one must not be exported;
+    # nor may the old figures stay next to the new outputs
+    assert main([*argv, "--overwrite", "--no-plots"]) == 0
     assert not (run / "ckpt_best.pt").exists()
+    assert not list(run.glob("*.png")) and (run / "notes.txt").is_file()
 
 
 def test_read_only_results_folder(tiny_h5, tmp_path, capsys, monkeypatch):

@@ -138,3 +138,9 @@ def test_file_choice(tiny_h5):
     assert find_session_files(str(tiny_h5), None, "elsewhere") == [str(tiny_h5)]
     with pytest.raises(DataError, match="--data nope.h5: no such file"):
         find_session_files("nope.h5", None, folder)
+
+
+def test_a_session_file_that_moved(tmp_path):
+    # what a resumed run meets when its data moved: the way out is named
+    with pytest.raises(DataError, match="gone.h5: no such file .*--data"):
+        load_session(str(tmp_path / "gone.h5"))

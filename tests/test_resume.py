@@ -11,6 +11,7 @@ import time
 
 import h5py
 import numpy as np
+import pytest
 import torch
 
 from src.data import load_session
@@ -58,18 +59,28 @@ def steps(run_dir):
     return [int(r["step"]) for r in read_metrics(run_dir)]
 
 
-def test_k_steps_plus_k_resumed_equal_2k_steps(tiny_h5, tmp_path):
+# short ramps: the best checkpoint is kept from step 4 on, also across the stop at step 6
+@pytest.mark.parametrize("ramps", [[], ["--kl_steps", "2", "--l2_steps", "2"]],
+                         ids=["in_ramps", "past_ramps"])
+def test_k_steps_plus_k_resumed_equal_2k_steps(tiny_h5, tmp_path, ramps):
     results = tmp_path / "results"
-    assert train(tiny_h5, results, "whole", "--max_steps", "12") == 0
+    assert train(tiny_h5, results, "whole", "--max_steps", "12", *ramps) == 0
     # 6 steps stop between two evaluations: the last row scores that shorter period, and the
     # checkpoint holds its loss sums so that the resumed run's rows are the uninterrupted ones
-    assert train(tiny_h5, results, "split", "--max_steps", "6") == 0
+    assert train(tiny_h5, results, "split", "--max_steps", "6", *ramps) == 0
     assert steps(results / "split") == [4, 6]
     ckpt = torch.load(results / "split/ckpt_last.pt", weights_only=False)
     assert ckpt["step"] == 6 and ckpt["acc"]["n"] == 2
+    if ramps:  # not the row at step 6, which scored a shorter period (see below)
+        assert torch.load(results / "split/ckpt_best.pt", weights_only=False)["step"] == 4
     assert resume(results / "split", "--max_steps", "12") == 0
     assert steps(results / "split") == [4, 8, 12]
     assert_same_run(results / "whole", results / "split")
+    # the best checkpoint comes from full periods only: the row at step 6 scored a shorter
+    # one, which the uninterrupted run never saw
+    a, b = (torch.load(results / r / "ckpt_best.pt", weights_only=False)
+            for r in ("whole", "split"))
+    assert a["step"] == b["step"] and a["step"] % 4 == 0 and equal(a["model"], b["model"])
     assert float(read_metrics(results / "whole")[-1]["kl_weight"]) == 1.0  # past the ramps
 
 
@@ -195,3 +206,31 @@ def test_diverging_run_stops_with_the_last_good_checkpoint_intact(tiny_h5, tmp_p
                           "gradient") and "Traceback" not in err
     assert f"{run}/ckpt_last.pt (step 4) is intact" in err and "--lr" in err
     assert (run / "ckpt_last.pt").read_bytes() == saved
+
+
+def test_optimiser_flags_given_on_resume_take_effect(tiny_h5, tmp_path):
+    results = tmp_path / "results"
+    assert train(tiny_h5, results, "r", "--max_steps", "4") == 0
+    assert resume(results / "r", "--max_steps", "8", "--lr", "1e-4", "--adam_eps", "1e-6",
+                  "--weight_decay", "0.01", "--lr_decay", "0.5", "--lr_min", "1e-6") == 0
+    ckpt = torch.load(results / "r/ckpt_last.pt", weights_only=False)
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["eps"] == 1e-6 and group["weight_decay"] == 0.01
+    assert group["lr"] in (1e-4, 0.5e-4)  # the new lr, decayed once at most (lr_patience 0)
+    assert ckpt["scheduler"]["factor"] == 0.5 and ckpt["scheduler"]["min_lrs"] == [1e-6]
+    assert float(read_metrics(results / "r")[-1]["lr"]) == group["lr"]
+
+
+def test_a_run_stopped_early_or_out_of_time_stays_stopped_on_resume(tiny_h5, tmp_path):
+    results = tmp_path / "results"
+    flags = ["--max_steps", "200", "--patience", "1", "--kl_steps", "2", "--l2_steps", "2"]
+    assert train(tiny_h5, results, "r", *flags) == 0
+    done = steps(results / "r")
+    assert done[-1] < 200  # it did stop early
+    assert resume(results / "r") == 0
+    assert steps(results / "r") == done
+    # the same for a run out of time: 6 ms are spent after the first step
+    assert train(tiny_h5, results, "t", "--max_steps", "200", "--max_minutes", "1e-4") == 0
+    first = torch.load(results / "t/ckpt_last.pt", weights_only=False)["step"]
+    assert resume(results / "t") == 0
+    assert torch.load(results / "t/ckpt_last.pt", weights_only=False)["step"] == first < 200

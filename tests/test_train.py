@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import h5py
+import numpy as np
+import pytest
 import torch
 
+from src.data import DataError, load_session
 from src.main import main
 from tests.conftest import ROOT, TINY_MODEL
 
@@ -87,3 +90,35 @@ def test_bad_command_lines_are_refused_clearly(tiny_h5, tmp_path):
     assert p.returncode == 2 and "--no_such_field" in p.stderr
     p = run_cli("--data-dir", str(tmp_path / "empty"), cwd=tmp_path)
     assert p.returncode == 2 and "setup.sh" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_external_inputs_reach_the_test_trials_too(tiny_h5, tmp_path):
+    from tests.test_data import arr, rewrite
+    rng = np.random.default_rng(0)
+    ext = {f"{s}_ext_input": rng.normal(size=(len(arr(tiny_h5, f"{s}_encod_data")), 20, 2))
+           for s in ("train", "valid")}
+    test_encod = arr(tiny_h5, "valid_encod_data")[:5]
+    # without the test trials' inputs the generator could not run on them: refused up front
+    bad = rewrite(tiny_h5, test_encod_data=test_encod, **ext)
+    with pytest.raises(DataError, match="test_ext_input"):
+        load_session(str(bad))
+    good = rewrite(tiny_h5, test_encod_data=test_encod, test_ext_input=np.ones((5, 20, 2)),
+                   **ext)
+    results = tmp_path / "results"
+    argv = ["--data", str(good), "--results-dir", str(results), "--run", "ext",
+            "--max_steps", "2", "--eval_every", "2", "--no-plots", *TINY_MODEL]
+    assert main(argv) == 0
+    with h5py.File(results / "ext" / "lfads_output.h5") as f:
+        assert f["test_rates"].shape == (5, 20, 12)
+
+
+def test_figures_of_a_tiny_validation_split_and_a_single_factor(tiny_h5, tmp_path):
+    from tests.test_data import rewrite
+    with h5py.File(tiny_h5) as f:
+        two = {k: f[k][()][:2] for k in f if k.startswith("valid_")}  # 2 validation trials
+    results = tmp_path / "results"
+    argv = ["--data", str(rewrite(tiny_h5, **two)), "--results-dir", str(results), "--run", "r",
+            "--max_steps", "2", "--eval_every", "2", *TINY_MODEL, "--fac_dim", "1"]
+    assert main(argv) == 0
+    for name in ("rates.png", "factors.png", "inputs.png", "truth.png"):
+        assert (results / "r" / name).is_file(), name
