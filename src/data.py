@@ -91,8 +91,9 @@ def _counts(f, path, key, required=True):
         raise DataError(f"{path}: cannot read '{key}': {e}") from e
     if a.ndim != 3:
         raise DataError(f"{path}: '{key}' has shape {a.shape}; expected (trials, bins, neurons)")
-    if a.shape[0] == 0:
-        raise DataError(f"{path}: '{key}' has no trials")
+    if 0 in a.shape:
+        what = ("trials", "bins", "neurons")[a.shape.index(0)]
+        raise DataError(f"{path}: '{key}' has no {what}")
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
         raise DataError(f"{path}: '{key}' has dtype {a.dtype}; expected integer spike counts")
     if np.issubdtype(a.dtype, np.floating):

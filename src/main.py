@@ -149,6 +149,8 @@ def resume_run(args, lead: bool = True, n_proc: int = 1):
     check_settings(mcfg, tcfg, n_proc)
     saved_files = ckpt["session"] if isinstance(ckpt["session"], list) else [ckpt["session"]]
     files = find_session_files(args.data, None, "") if args.data else saved_files
+    if len(saved_files) > 1:  # each session has its own read-in and read-out: match by name
+        files = match_sessions(saved_files, files, ckpt_path)
     session, sizes = load_sessions(files)
     differ = {k: (getattr(mcfg, k), v) for k, v in sizes.items() if getattr(mcfg, k) != v}
     if differ:
@@ -164,6 +166,19 @@ def resume_run(args, lead: bool = True, n_proc: int = 1):
         writable(args.resume)
         remove_stale_temps(args.resume)  # left by a kill during a save
     return session, mcfg, tcfg, args.resume, ckpt
+
+
+def match_sessions(saved: list[str], given: list[str], ckpt_path: str) -> list[str]:
+    """The given files in the checkpoint's session order, matched by file name (a session's
+    name): the read-in and read-out of each session go with its name, not its place."""
+    name = lambda f: os.path.splitext(os.path.basename(f))[0]  # noqa: E731
+    by_name = {name(f): f for f in given}
+    wanted = [name(f) for f in saved]
+    if sorted(by_name) != sorted(wanted) or len(by_name) != len(given):
+        raise DataError(f"{', '.join(given)} are not the sessions of the checkpoint "
+                        f"{ckpt_path} ({', '.join(wanted)}): a stitched model's read-ins and "
+                        "read-outs belong to sessions by file name; give those files")
+    return [by_name[n] for n in wanted]
 
 
 def check_settings(mcfg: LFADSConfig, tcfg: TrainConfig, n_proc: int) -> None:

@@ -70,8 +70,8 @@ class PrepConfig:
 
     @property
     def n_bins(self) -> int:
-        n = (self.t_before + self.t_after) / self.bin_size
-        if self.bin_size <= 0 or abs(n - round(n)) > 1e-6 or round(n) < 1:
+        n = (self.t_before + self.t_after) / self.bin_size if self.bin_size > 0 else 0.5
+        if abs(n - round(n)) > 1e-6 or round(n) < 1:
             raise ValueError(f"--window {-self.t_before:g} {self.t_after:g} is not a whole "
                              f"number of --bin-size {self.bin_size:g} bins")
         return int(round(n))
@@ -331,14 +331,16 @@ def prepare(one, ins: dict, cfg: PrepConfig, allowed_ids: np.ndarray, out_path: 
     pid, eid, probe = ins["pid"], ins["eid"], ins["probe"]
     ssl, clusters = load_units(one, eid, probe, cfg)
     units = select_units(clusters, allowed_ids)
-    if units.size < cfg.min_units:
-        raise Skip(f"{units.size} good units in {' '.join(cfg.regions)}, fewer than "
-                   f"--min-units {cfg.min_units}")
+    need = max(cfg.min_units, 2)  # one held-in and one held-out unit at least
+    if units.size < need:
+        raise Skip(f"{units.size} good units in {' '.join(cfg.regions)}, fewer than {need} "
+                   f"(--min-units {cfg.min_units})")
     trials = load_trials(one, eid)
     kept = np.flatnonzero(trial_mask(trials, cfg))
-    if kept.size < cfg.min_trials:
+    need = max(cfg.min_trials, 2)  # one train and one valid trial at least
+    if kept.size < need:
         raise Skip(f"{kept.size} of {len(trials)} trials pass the BWM filters, fewer than "
-                   f"--min-trials {cfg.min_trials}")
+                   f"{need} (--min-trials {cfg.min_trials})")
     spikes = load_spikes(one, ssl, cfg)
     starts = trials[cfg.align_event].to_numpy()[kept] - cfg.t_before
     counts = bin_spikes(spikes["times"], spikes["clusters"], units, starts, cfg.n_bins,
@@ -346,7 +348,7 @@ def prepare(one, ins: dict, cfg: PrepConfig, allowed_ids: np.ndarray, out_path: 
     del spikes
     rng = np.random.default_rng(cfg.seed)
     train, valid = split_trials(kept.size, cfg.valid_frac, rng)
-    n_out = int(round(cfg.heldout_frac * units.size))
+    n_out = min(int(round(cfg.heldout_frac * units.size)), units.size - 1)  # keep one held in
     heldout = np.zeros(units.size, dtype=bool)
     heldout[rng.choice(units.size, n_out, replace=False)] = True
     order = np.r_[np.flatnonzero(~heldout), np.flatnonzero(heldout)]  # each part by depth
@@ -413,7 +415,17 @@ def read_manifest(path: Path) -> dict:
     if not path.is_file():
         return {}
     with open(path, newline="") as f:
-        return {r["pid"]: r for r in csv.DictReader(f)}
+        reader = csv.DictReader(f)
+        if "pid" not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: not a manifest of this program (no 'pid' column); "
+                             "move it away")
+        return {r["pid"]: r for r in reader}
+
+
+def update_manifest(path: Path, rows: dict):
+    """Our rows over the manifest as it is on disk now: another run preparing into the same
+    folder keeps the rows it wrote meanwhile."""
+    write_manifest(path, {**read_manifest(path), **rows})
 
 
 def write_manifest(path: Path, rows: dict):
@@ -438,6 +450,13 @@ def prepared_hash(path: Path):
         return None
 
 
+def prepared_numbers(path: Path) -> dict:
+    """The manifest's numbers of a complete session file, for a row that was lost."""
+    with h5py.File(path, "r") as f:
+        return {"n_units": int(f.attrs["n_heldin"] + f.attrs["n_heldout"]),
+                "n_trials": len(f["trials_kept"])}
+
+
 def run(one, cfg: PrepConfig, out_dir, pids=None, max_insertions=0, overwrite=False,
         anatomy_path=ANATOMY_CSV) -> dict:
     """Prepare every selected insertion; return the manifest rows of this run by pid."""
@@ -448,7 +467,7 @@ def run(one, cfg: PrepConfig, out_dir, pids=None, max_insertions=0, overwrite=Fa
     cfg.n_bins  # noqa: B018  (fail on a bad window before touching the network)
     allowed = region_ids(load_anatomy(anatomy_path), cfg.regions)
     todo = list_insertions(one, cfg, pids)
-    if max_insertions:
+    if max_insertions > 0:
         todo = todo[:max_insertions]
     manifest_path = out_dir / "manifest.csv"
     manifest = read_manifest(manifest_path)
@@ -462,9 +481,16 @@ def run(one, cfg: PrepConfig, out_dir, pids=None, max_insertions=0, overwrite=Fa
         old = manifest.get(pid, {})
         row = {**ins, "settings": h}
         if not overwrite and prepared_hash(out_path) == h:
-            done[pid] = {**row, **{k: old.get(k, "") for k in ("n_units", "n_trials")},
-                         "status": "ok", "reason": old.get("reason") or "prepared"}
-            continue  # nothing changes: the manifest keeps its row
+            kept = old.get("status") == "ok" and old.get("n_units")  # the row as it was
+            numbers = ({k: old[k] for k in ("n_units", "n_trials")} if kept else
+                       prepared_numbers(out_path))
+            now = time.strftime("%Y-%m-%dT%H:%M:%S")
+            done[pid] = {**row, **numbers, "status": "ok", "reason": "prepared",
+                         "updated": old.get("updated", "") if kept else now}
+            if any(str(done[pid].get(k, "")) != old.get(k, "") for k in MANIFEST_FIELDS):
+                # a row lost (a kill between the file and its row) or edited comes back
+                update_manifest(manifest_path, {pid: done[pid]})
+            continue
         if not overwrite and old.get("status") == "skipped" and old.get("settings") == h:
             done[pid] = old
             continue
@@ -479,8 +505,8 @@ def run(one, cfg: PrepConfig, out_dir, pids=None, max_insertions=0, overwrite=Fa
         row["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         if row["status"] != "ok" and out_path.exists() and prepared_hash(out_path) != h:
             out_path.unlink()  # a file from other settings would pass for this preparation
-        manifest[pid] = done[pid] = row
-        write_manifest(manifest_path, manifest)
+        done[pid] = row
+        update_manifest(manifest_path, {pid: row})
         if row["status"] != "ok":
             tqdm.write(f"{pid}: {row['status']}: {row['reason']}")
     counts = {s: sum(r["status"] == s for r in done.values()) for s in ("ok", "skipped", "failed")}
@@ -544,14 +570,20 @@ def config_from_args(a) -> PrepConfig:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    if a.export_anatomy:
-        n = export_anatomy(a.export_anatomy)
-        print(f"wrote {n} regions to {a.export_anatomy}")
-        return 0
     cfg = config_from_args(a)
     try:
+        if a.export_anatomy:
+            n = export_anatomy(a.export_anatomy)
+            print(f"wrote {n} regions to {a.export_anatomy}")
+            return 0
         if a.window[0] >= a.window[1]:
             raise ValueError(f"--window {a.window[0]:g} {a.window[1]:g}: START must be < END")
+        if not 0 <= a.heldout_frac < 1:
+            raise ValueError(f"--heldout-frac {a.heldout_frac:g}: must be at least 0 and below 1")
+        if not 0 < a.valid_frac < 1:
+            raise ValueError(f"--valid-frac {a.valid_frac:g}: must be above 0 and below 1")
+        if a.max_insertions < 0:
+            raise ValueError(f"--max-insertions {a.max_insertions}: must be 0 (all) or more")
         cfg.n_bins  # noqa: B018
         region_ids(load_anatomy(a.anatomy), cfg.regions)
         one = connect(a.cache_dir, a.local, a.base_url, a.username, a.password)
@@ -562,6 +594,9 @@ def main(argv=None) -> int:
     except ConnectionError as e:  # what ONE raises when the database cannot be reached
         print(f"error: {' '.join(str(e).split()).rstrip('.')}. Nothing was written. To work "
               "offline, point --local --cache-dir at an existing ONE cache.", file=sys.stderr)
+        return 2
+    except OSError as e:  # an --out-dir that is a file, a folder that cannot be written
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -144,3 +144,10 @@ def test_a_session_file_that_moved(tmp_path):
     # what a resumed run meets when its data moved: the way out is named
     with pytest.raises(DataError, match="gone.h5: no such file .*--data"):
         load_session(str(tmp_path / "gone.h5"))
+
+
+def test_no_held_in_neurons(tiny_h5):
+    # what prep_data once wrote with --heldout-frac 1: nothing for the encoders to read
+    bad = rewrite(tiny_h5, train_encod_data=arr(tiny_h5, "train_encod_data")[:, :, :0])
+    with pytest.raises(DataError, match="'train_encod_data' has no neurons"):
+        load_session(str(bad))

@@ -116,6 +116,24 @@ def test_bad_window_is_refused(capsys):
     assert "whole number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag,value", [("--bin-size", "0"), ("--heldout-frac", "1"),
+                                        ("--heldout-frac", "-0.5"), ("--valid-frac", "1.5"),
+                                        ("--valid-frac", "0"), ("--max-insertions", "-1")])
+def test_impossible_settings_are_refused_before_any_work(capsys, tmp_path, flag, value):
+    out = tmp_path / "out"
+    assert prep.main([flag, value, "--local", "--cache-dir", "/nonexistent",
+                      "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and flag in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_an_out_dir_that_is_a_file_is_refused(capsys, tmp_path, ibl_cache):
+    (tmp_path / "f").write_text("not a folder")
+    assert run_prep(ibl_cache, tmp_path / "f") == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
 def test_binning_matches_histograms_on_ibllib_spikes():
     with open(EPHYS_TEST, "rb") as f:  # 120 s of real spikes shipped inside ibllib
         d = pickle.load(f)
@@ -272,6 +290,18 @@ def test_rerun_skips_what_is_done_and_retries_failures(ibl_prepared, ibl_cache, 
     assert path.stat().st_mtime_ns == before
     m = pd.read_csv(ibl_prepared / "manifest.csv").set_index("pid")
     assert m.loc[ibl_cache.pids["few_units"], "status"] == "skipped"
+
+
+def test_a_lost_manifest_row_comes_back_and_other_runs_rows_stay(ibl_cache, tmp_path):
+    pid = ibl_cache.pids["main"]
+    assert run_prep(ibl_cache, tmp_path, "--pids", pid) == 0
+    full = (tmp_path / "manifest.csv").read_text()
+    # a kill between the file's rename and its row; or another run's row written meanwhile
+    (tmp_path / "manifest.csv").write_text(full.splitlines()[0] + "\nother,e,p,ok,x,1,1,s,t\n")
+    assert run_prep(ibl_cache, tmp_path, "--pids", pid) == 0
+    m = pd.read_csv(tmp_path / "manifest.csv").set_index("pid")
+    assert m.loc[pid, "status"] == "ok" and m.loc[pid, "n_units"] > 0
+    assert "other" in m.index
 
 
 def test_new_settings_replace_the_file(ibl_cache, tmp_path):

@@ -166,3 +166,23 @@ def test_mismatched_sessions_are_refused_naming_both_files(data_dir, tmp_path, c
     err = capsys.readouterr().err
     assert f"{d}/a.h5" in err and f"{d}/b.h5" in err and "bin_size" in err
     assert "Traceback" not in err
+
+
+def test_a_stitched_resume_matches_sessions_by_name(tmp_path, capsys):
+    d = tmp_path / "two"
+    d.mkdir()
+    for name, seed in (("a", 1), ("b", 2)):  # the same sizes: only the names tell them apart
+        write_session(str(d / f"{name}.h5"), *make_lorenz(session_cfg(12, seed)))
+    results = tmp_path / "results"
+    assert main(["--data", str(d / "*.h5"), "--results-dir", str(results), "--run", "r",
+                 "--no-plots", *MODEL, "--max_steps", "2", "--eval_every", "2"]) == 0
+    (d / "a.h5").rename(d / "z.h5")  # now sorted after b: by place it would take a's weights
+    capsys.readouterr()
+    assert main(["--resume", str(results / "r"), "--no-plots", "--data", str(d / "*.h5")]) == 2
+    err = capsys.readouterr().err
+    assert "not the sessions of the checkpoint" in err and "a, b" in err
+    (d / "z.h5").rename(d / "a.h5")
+    # the right files again: the same outputs as before
+    before = h5py.File(results / "r/lfads_output_b.h5")["valid_rates"][()]
+    assert main(["--resume", str(results / "r"), "--no-plots", "--data", str(d / "*.h5")]) == 0
+    assert np.array_equal(h5py.File(results / "r/lfads_output_b.h5")["valid_rates"][()], before)
