@@ -43,6 +43,10 @@ DATA_SIZES = ("n_in", "n_out", "t_enc", "t_rec", "ext_dim", "session_n_in", "ses
 CHOICES = {"precision": ("fp32", "bf16")}  # fields with a fixed set of values
 CKPT_KEYS = {"model", "optimizer", "scheduler", "step", "rng", "model_config", "train_config",
              "session"}
+# the validation metrics (src/trainer.py, src/metrics.py): stitched runs also log each
+# session's as '<session>_<metric>', so no session may be named like a metric's first part
+METRIC_NAMES = ("recon", "recon_sv", "kl_ic", "kl_co", "l2", "total", "bps", "co_bps",
+                "fp_bps", "r2", "r2_pooled", "r2_heldout")
 # what --overwrite deletes first: a stale best checkpoint would be exported as the new run's,
 # and old figures would sit next to the new outputs; the patterns cover a stitched run's
 # lfads_output_<session>.h5 and rates_<session>.png too (src/plots.py names the figures)
@@ -131,6 +135,11 @@ def load_sessions(files: list[str]):
     names = [s.name for s in sessions]
     if len(set(names)) < len(names):  # outputs and metrics are named after the sessions
         raise DataError(f"several session files share a name: {', '.join(files)}")
+    for s in sessions:  # each session's metrics are '<name>_<metric>' next to the overall ones
+        clash = [k for k in METRIC_NAMES if k.startswith(s.name + "_")]
+        if clash:
+            raise DataError(f"{s.path}: a session named '{s.name}' would log metrics that read "
+                            f"as the overall {clash[0]}; rename the file")
     return sessions, stitched_sizes(sessions)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from src.data import load_session
-from src.main import main
+from src.main import METRIC_NAMES, main
 from src.model import LFADS, LFADSConfig
 from src.stitch import pcr_init_readins, pick_batch, psths, stitched_sizes
 from src.synth import LorenzConfig, make_lorenz, write_session
@@ -168,7 +168,7 @@ def test_mismatched_sessions_are_refused_naming_both_files(data_dir, tmp_path, c
     assert "Traceback" not in err
 
 
-def test_a_stitched_resume_matches_sessions_by_name(tmp_path, capsys):
+def test_sessions_are_known_by_name_on_resume_and_in_metrics(tmp_path, capsys):
     d = tmp_path / "two"
     d.mkdir()
     for name, seed in (("a", 1), ("b", 2)):  # the same sizes: only the names tell them apart
@@ -186,3 +186,12 @@ def test_a_stitched_resume_matches_sessions_by_name(tmp_path, capsys):
     before = h5py.File(results / "r/lfads_output_b.h5")["valid_rates"][()]
     assert main(["--resume", str(results / "r"), "--no-plots", "--data", str(d / "*.h5")]) == 0
     assert np.array_equal(h5py.File(results / "r/lfads_output_b.h5")["valid_rates"][()], before)
+    # the metrics a session's name must not clash with are all in main.METRIC_NAMES
+    cols = read_metrics(results / "r")[0].keys()
+    overall = {c[6:] for c in cols if c.startswith("valid_") and c[6:8] not in ("a_", "b_")}
+    assert overall <= set(METRIC_NAMES), overall - set(METRIC_NAMES)
+    (d / "a.h5").rename(d / "co.h5")  # co_bps would be both session co's bps and the overall
+    capsys.readouterr()
+    assert main(["--data", str(d / "*.h5"), "--results-dir", str(results), "--no-plots",
+                 *MODEL]) == 2
+    assert "a session named 'co'" in capsys.readouterr().err
