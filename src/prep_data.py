@@ -70,7 +70,9 @@ class PrepConfig:
 
     @property
     def n_bins(self) -> int:
-        n = (self.t_before + self.t_after) / self.bin_size if self.bin_size > 0 else 0.5
+        if self.bin_size <= 0:
+            raise ValueError(f"--bin-size {self.bin_size:g}: must be above 0")
+        n = (self.t_before + self.t_after) / self.bin_size
         if abs(n - round(n)) > 1e-6 or round(n) < 1:
             raise ValueError(f"--window {-self.t_before:g} {self.t_after:g} is not a whole "
                              f"number of --bin-size {self.bin_size:g} bins")
