@@ -25,11 +25,19 @@ from src.data import DataError, check_compatible, find_session_files, load_sessi
 from src.infer import posterior_average, write_outputs
 from src.model import LFADS, LFADSConfig
 from src.stitch import stitched_sizes
-from src.trainer import TrainConfig, Trainer, over_sessions, rate_metrics, write_config
+from src.trainer import (
+    LOSS_TERMS,
+    TrainConfig,
+    Trainer,
+    over_sessions,
+    rate_metrics,
+    write_config,
+)
 from src.utils import (
     atomic_write_text,
     check_writable,
     from_rank0,
+    has_mps,
     init_distributed,
     pick_device,
     rank_device,
@@ -45,8 +53,7 @@ CKPT_KEYS = {"model", "optimizer", "scheduler", "step", "rng", "model_config", "
              "session"}
 # the validation metrics (src/trainer.py, src/metrics.py): stitched runs also log each
 # session's as '<session>_<metric>', so no session may be named like a metric's first part
-METRIC_NAMES = ("recon", "recon_sv", "kl_ic", "kl_co", "l2", "total", "bps", "co_bps",
-                "fp_bps", "r2", "r2_pooled", "r2_heldout")
+METRIC_NAMES = (*LOSS_TERMS, "total", "bps", "co_bps", "fp_bps", "r2", "r2_pooled", "r2_heldout")
 # what --overwrite deletes first: a stale best checkpoint would be exported as the new run's,
 # and old figures would sit next to the new outputs; the patterns cover a stitched run's
 # lfads_output_<session>.h5 and rates_<session>.png too (src/plots.py names the figures)
@@ -209,9 +216,7 @@ def check_settings(mcfg: LFADSConfig, tcfg: TrainConfig, n_proc: int) -> None:
     dev = tcfg.device.split(":")[0]
     if dev not in ("auto", "cpu", "cuda", "mps"):
         raise DataError(f"--device {tcfg.device}: expected auto, cpu, cuda (or cuda:N) or mps")
-    mps = getattr(torch.backends, "mps", None)
-    if (dev == "cuda" and not torch.cuda.is_available()) or (
-            dev == "mps" and not (mps and mps.is_available())):
+    if (dev == "cuda" and not torch.cuda.is_available()) or (dev == "mps" and not has_mps()):
         raise DataError(f"--device {tcfg.device}: this torch build sees no such device; "
                         "use --device auto or cpu")
 

@@ -99,12 +99,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def has_mps() -> bool:
+    """An Apple-silicon GPU that this torch build can use."""
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def pick_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if has_mps():
         return torch.device("mps")
     return torch.device("cpu")
 
