@@ -129,6 +129,13 @@ def _split(f, path, split, conversion) -> Split:
     if rec.shape[2] < enc.shape[2]:
         raise DataError(f"{path}: '{split}_recon_data' has {rec.shape[2]} neurons, fewer than "
                         f"the {enc.shape[2]} of '{split}_encod_data' (N must be >= N_in)")
+    t_enc, n_in = enc.shape[1:]
+    if not np.array_equal(enc, rec[:, :t_enc, :n_in]):
+        # coordinated dropout and sample validation learn from the hidden encoder elements'
+        # reconstruction: that holds only if they are the same counts
+        raise DataError(f"{path}: '{split}_encod_data' is not the first {t_enc} bins and "
+                        f"{n_in} neurons of '{split}_recon_data'; the encoders must read the "
+                        "held-in block of the counts that are reconstructed")
     truth = _floats(f, path, f"{split}_truth", rec.shape, f"the shape of '{split}_recon_data'")
     if truth is not None:
         if truth.shape != rec.shape:

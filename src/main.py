@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import glob
 import json
+import math
 import os
 import shlex
 import sys
@@ -31,6 +32,7 @@ from src.trainer import (
     Trainer,
     over_sessions,
     rate_metrics,
+    selection_key,
     write_config,
 )
 from src.utils import (
@@ -207,9 +209,8 @@ def check_settings(mcfg: LFADSConfig, tcfg: TrainConfig, n_proc: int) -> None:
                 raise DataError(f"--{k} {getattr(cfg, k)}: must be at least 1")
     if mcfg.co_dim < 0:
         raise DataError(f"--co_dim {mcfg.co_dim}: must be 0 (no controller) or more")
-    for k in ("dropout", "cd_rate", "sv_rate"):  # a share of 1 would leave nothing to learn from
-        if not 0 <= getattr(mcfg, k) < 1:
-            raise DataError(f"--{k} {getattr(mcfg, k):g}: must be at least 0 and below 1")
+    for cfg in (mcfg, tcfg):
+        check_floats(cfg)
     if tcfg.batch_size % n_proc:  # equal shares, or the averaged gradients are not the batch's
         raise DataError(f"--batch_size {tcfg.batch_size} does not split evenly over {n_proc} "
                         "processes")
@@ -219,6 +220,32 @@ def check_settings(mcfg: LFADSConfig, tcfg: TrainConfig, n_proc: int) -> None:
     if (dev == "cuda" and not torch.cuda.is_available()) or (dev == "mps" and not has_mps()):
         raise DataError(f"--device {tcfg.device}: this torch build sees no such device; "
                         "use --device auto or cpu")
+
+
+# what each float setting allows, by rule (RULES); a float field not named here must be 0 or more
+FLOAT_RULES = {
+    "dropout": "share", "cd_rate": "share", "sv_rate": "share",  # a share of 1 leaves nothing
+    "ic_prior_var": "positive", "co_prior_tau": "positive", "co_prior_nvar": "positive",
+    "cell_clip": "positive", "lr": "positive", "adam_eps": "positive", "grad_clip": "positive",
+    "lr_decay": "factor",
+}
+RULES = {"share": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
+         "positive": (lambda v: v > 0, "must be above 0"),
+         "factor": (lambda v: 0 < v <= 1, "must be above 0 and at most 1"),
+         "non-negative": (lambda v: v >= 0, "must be 0 or more")}
+
+
+def check_floats(cfg) -> None:
+    """Every float field of a config finite and in its range, or a DataError naming the flag."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.type not in (float, "float"):
+            continue
+        if not math.isfinite(v):
+            raise DataError(f"--{f.name} {v}: must be a finite number")
+        ok, what = RULES[FLOAT_RULES.get(f.name, "non-negative")]
+        if not ok(v):
+            raise DataError(f"--{f.name} {v:g}: {what}")
 
 
 def prepare_run(args, lead: bool = True, n_proc: int = 1):
@@ -371,7 +398,8 @@ def run(args, rank: int, n_proc: int) -> int:
         return 1
     if rank > 0:
         return 0
-    summary = {"steps": trainer.step, "minutes": round(trainer.elapsed / 60, 2)}
+    summary = {"steps": trainer.step, "minutes": round(trainer.elapsed / 60, 2),
+               "selected_on": f"valid_{selection_key(mcfg)}"}
     each = [rate_metrics(out["valid"]["rates"], s.valid)
             for s, out in zip(trainer.sessions, outputs)]
     valid = over_sessions(trainer.sessions, each) if trainer.stitched else each[0]

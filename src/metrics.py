@@ -43,9 +43,19 @@ def r2(pred, truth) -> tuple[float, float]:
 
     Returns (mean over neurons, pooled). The mean is lfads-torch's definition; the pooled
     value, 1 - total squared error / total variance, is not swung by a nearly untuned neuron.
+    A neuron whose true rate never varies has no variance to explain: it scores 1 when
+    predicted exactly and 0 otherwise (scikit-learn's r2_score convention), never a division
+    by zero; the pooled value follows the same rule when no neuron varies.
     """
     pred = np.asarray(pred, np.float64).reshape(-1, pred.shape[-1])  # (trials*T, N)
     truth = np.asarray(truth, np.float64).reshape(-1, truth.shape[-1])
     sse = ((pred - truth) ** 2).sum(0)  # (N,)
     sst = ((truth - truth.mean(0)) ** 2).sum(0)  # (N,)
-    return float(np.mean(1 - sse / sst)), float(1 - sse.sum() / sst.sum())
+    return float(np.mean(_explained(sse, sst))), float(_explained(sse.sum(), sst.sum()))
+
+
+def _explained(sse, sst):
+    """1 - sse / sst, and where sst is 0: 1 if sse is 0, else 0."""
+    sse, sst = np.asarray(sse), np.asarray(sst)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(sst > 0, 1 - sse / sst, np.where(sse == 0, 1.0, 0.0))

@@ -63,11 +63,17 @@ class LFADSConfig:
     ic_post_var_min: float = 1e-4  # floor added to the IC posterior variance [1e-4]
     co_post_var_min: float = 1e-4  # floor added to the inferred-input posterior variance
     co_prior_tau: float = 10.0  # bins, initial time constant of the AR(1) input prior [10]
-    co_prior_var: float = 0.1  # initial stationary variance of the AR(1) input prior [0.1]
-    gen_clip: float = 5.0  # bound on generator states |g_t| (TF LFADS cell_clip_value: 5)
-    # loss weights; the reconstruction is in nats per trial (summed over bins and neurons)
-    kl_ic_scale: float = 1.0  # weight of the IC KL, nats per trial; 1 = the ELBO (TF LFADS)
-    kl_co_scale: float = 1.0  # weight of the inferred-input KL, nats per trial; 1 = the ELBO
+    co_prior_nvar: float = 0.1  # initial innovation (step-to-step) variance of the AR(1) input
+    #                             prior; its stationary variance is nvar / (1 - a^2), 0.55 at
+    #                             tau 10 [0.1, lfads-torch nvar, TF LFADS prior_ar_nvar]
+    cell_clip: float = 5.0  # bound on generator and controller states, applied after every
+    #                        step (TF LFADS cell_clip_value, lfads-torch cell_clip: 5)
+    # loss weights; the reconstruction is in nats per trial (summed over bins and neurons).
+    # With cd_rate 0, KL scales of 1 make the loss the negative ELBO (TF LFADS). Coordinated
+    # dropout lets only the hidden cd_rate share of held-in elements carry reconstruction
+    # gradient, so there the KL weighs about 1 / cd_rate times its ELBO weight
+    kl_ic_scale: float = 1.0  # weight of the IC KL, on nats per trial [TF LFADS: 1]
+    kl_co_scale: float = 1.0  # weight of the inferred-input KL, on nats per trial [TF: 1]
     l2_gen_scale: float = 2000.0  # times 0.5 * mean squared generator recurrent weight [TF: 2000]
     l2_con_scale: float = 0.0  # same for the controller's recurrent weights [TF: 0]
 
@@ -85,16 +91,17 @@ def kl_normal(mean_q, var_q, mean_p, var_p):
     return 0.5 * (torch.log(var_p / var_q) + (var_q + (mean_q - mean_p) ** 2) / var_p - 1.0)
 
 
-def ar1_logprob(u, log_tau, log_var):
+def ar1_logprob(u, log_tau, log_nvar):
     """log p(u) under independent AR(1) processes, one per input dimension; u: (B, T, U).
 
-    u_0 ~ N(0, var) at the stationary variance, u_t | u_{t-1} ~ N(a u_{t-1}, var (1 - a^2)),
-    a = exp(-1/tau): the prior of TF LFADS and lfads-torch, stationary at every step.
-    Returns (B,): summed over time and dimensions.
+    u_t | u_{t-1} ~ N(a u_{t-1}, nvar) with a = exp(-1/tau) and nvar the innovation variance;
+    u_0 ~ N(0, nvar / (1 - a^2)), the stationary variance, so every step has that marginal.
+    The prior of TF LFADS (prior_ar_nvar) and lfads-torch (AutoregressiveMultivariateNormal),
+    parametrised as there by log tau and log nvar. Returns (B,): summed over time and dimensions.
     """
-    alpha, var = torch.exp(-torch.exp(-log_tau)), torch.exp(log_var)  # (U,), (U,)
-    lp0 = normal_logprob(u[:, 0], 0.0, var)  # (B, U)
-    lpt = normal_logprob(u[:, 1:], alpha * u[:, :-1], var * (1 - alpha**2))  # (B, T-1, U)
+    alpha, nvar = torch.exp(-torch.exp(-log_tau)), torch.exp(log_nvar)  # (U,), (U,)
+    lp0 = normal_logprob(u[:, 0], 0.0, nvar / (1 - alpha**2))  # (B, U)
+    lpt = normal_logprob(u[:, 1:], alpha * u[:, :-1], nvar)  # (B, T-1, U)
     return lp0.sum(-1) + lpt.sum((1, 2))
 
 
@@ -122,7 +129,7 @@ class GRUCell(nn.Module):
 
         r, z = sigmoid(W_ir x + b_ir + W_hr h + b_hr),  sigmoid(W_iz x + b_iz + W_hz h + b_hz)
         n    = tanh(W_in x + b_in + r * (W_hn h + b_hn))
-        h'   = z * h + (1 - z) * n
+        h'   = clamp(z * h + (1 - z) * n, -clip, clip)
 
     This is torch.nn.GRU's (and cuDNN's) form, with the reset gate after the recurrent product;
     TF LFADS and lfads-torch put it before (W_hn (r * h)). Both are GRUs (Cho et al. 2014
@@ -131,8 +138,9 @@ class GRUCell(nn.Module):
     that a step needs one matrix product instead of two.
     """
 
-    def __init__(self, input_size: int, hidden_size: int):
+    def __init__(self, input_size: int, hidden_size: int, clip: float = math.inf):
         super().__init__()
+        self.clip = clip  # the references clamp generator and controller states (cell_clip)
         ref = nn.GRUCell(input_size, hidden_size)  # borrow torch's default initialisation
         self.weight_ih, self.weight_hh = ref.weight_ih, ref.weight_hh  # (3H, in), (3H, H)
         self.bias_ih, self.bias_hh = ref.bias_ih, ref.bias_hh  # (3H,), (3H,)
@@ -155,7 +163,8 @@ class GRUCell(nn.Module):
         # addcmul(a, b, c) = a + b * c, lerp(n, h, z) = n + z * (h - n)
         # (lerp wants one dtype: under bf16 autocast n and z are bf16, the state stays float32)
         n = torch.tanh(torch.addcmul(x_n, r, h_n))
-        return torch.lerp(n.type_as(h), h, z.type_as(h))
+        h = torch.lerp(n.type_as(h), h, z.type_as(h))
+        return h if self.clip == math.inf else h.clamp(-self.clip, self.clip)
 
 
 def init_gate_bias(bias, hidden_size):
@@ -208,16 +217,16 @@ class LFADS(nn.Module):
         self.ic_post = nn.Linear(2 * cfg.ic_enc_dim, 2 * cfg.ic_dim)  # -> mean, log variance
         if cfg.co_dim > 0:
             self.ci_enc = bidirectional_gru(n_in, cfg.ci_enc_dim)
-            self.con = GRUCell(2 * cfg.ci_enc_dim + cfg.fac_dim, cfg.con_dim)
+            self.con = GRUCell(2 * cfg.ci_enc_dim + cfg.fac_dim, cfg.con_dim, cfg.cell_clip)
             self.con_h0 = nn.Parameter(torch.zeros(cfg.con_dim))
             self.co_post = nn.Linear(cfg.con_dim, 2 * cfg.co_dim)  # -> mean, log variance
             # AR(1) prior on inferred inputs, learnable per dimension (lfads-torch MultiVariateAR1)
             ones = torch.ones(cfg.co_dim)
             self.co_prior_log_tau = nn.Parameter(ones * math.log(cfg.co_prior_tau))
-            self.co_prior_log_var = nn.Parameter(ones * math.log(cfg.co_prior_var))
+            self.co_prior_log_nvar = nn.Parameter(ones * math.log(cfg.co_prior_nvar))
         # generator, factors, read-out
         self.ic_to_g0 = nn.Linear(cfg.ic_dim, cfg.gen_dim)
-        self.gen = GRUCell(cfg.co_dim + cfg.ext_dim, cfg.gen_dim)
+        self.gen = GRUCell(cfg.co_dim + cfg.ext_dim, cfg.gen_dim, cfg.cell_clip)
         self.fac = nn.Linear(cfg.gen_dim, cfg.fac_dim, bias=False)
         if not self.stitched:
             self.readout = nn.Linear(cfg.fac_dim, cfg.n_out)
@@ -278,9 +287,8 @@ class LFADS(nn.Module):
         """Run controller and generator for T_rec steps from the IC sample."""
         cfg = self.cfg
         B, T, U = ic.shape[0], cfg.t_rec, cfg.co_dim
-        # a GRU state is a convex mix of the old state and a tanh in (-1, 1), so
-        # |g_t| <= max(|g_0|, 1): clipping g_0 once equals the references' clip at every step
-        g = self.ic_to_g0(ic).clamp(-cfg.gen_clip, cfg.gen_clip)  # (B, H_gen)
+        g = self.ic_to_g0(ic)  # (B, H_gen), g_0 unclipped as in the references; the cells clip
+        #                         every later state
         w_fac = F.normalize(self.fac.weight, dim=1)  # (F, H_gen): unit-norm rows, as in the refs
         keep_g = self.keep_mask(T + 1, B, cfg.gen_dim, device=g.device)  # (T_rec + 1, B, H_gen)
         # input projections of every step in one product each, outside the time loop;
@@ -353,21 +361,29 @@ class LFADS(nn.Module):
             # the loss in float32 even under autocast: a Poisson likelihood summed over
             # thousands of bins loses its last digits in bfloat16's 8-bit mantissa
             with torch.autocast(x.device.type, enabled=False):
-                out.losses = self.losses(out, recon, cd_keep, sv_mask)
+                out.losses = self.losses(out, recon, cd_keep, sv_mask, session)
         return out
 
-    def losses(self, out: Output, recon, cd_keep=None, sv_mask=None) -> dict:
+    def losses(self, out: Output, recon, cd_keep=None, sv_mask=None, session: int = 0) -> dict:
         """Loss terms, each in nats per trial (mean over the batch) before any weight."""
         cfg = self.cfg
         k = recon.float()
         nll = torch.exp(out.log_rates) - k * out.log_rates + log_factorial(k)  # (B, T_rec, N)
-        terms = {}
+        n_in = cfg.session_n_in[session] if self.stitched else cfg.n_in
+        t_enc = cfg.t_enc
+        # held-in neurons over encoder bins: what model selection and early stopping follow
+        # (src/trainer.py), as it holds neither the held-out neurons nor the forward-prediction
+        # bins that co-bps and fp-bps score
+        terms = {"recon_heldin": nll[:, :t_enc, :n_in].sum((1, 2)).mean().detach()}
         if sv_mask is not None:
-            # held-out elements: their cost is logged but never trained on (detached, and
-            # zeroed in the reconstruction term); it rises when the model over-fits
+            # sample validation (lfads-torch SampleValidation): the held-out elements' cost is
+            # logged, never trained on; both parts are scaled by the share they stand for, so
+            # that each is on the scale of the whole held-in block
             sv = pad_like(sv_mask, k)  # (B, T_enc, N_in) -> (B, T_rec, N)
-            terms["recon_sv"] = torch.where(sv, nll, 0.0).sum((1, 2)).mean().detach()
-            nll = torch.where(sv, 0.0, nll)
+            heldin = pad_like(torch.ones_like(sv_mask), k)  # the encoder block, (B, T_rec, N)
+            rate = cfg.sv_rate
+            terms["recon_sv"] = torch.where(sv, nll, 0.0).sum((1, 2)).mean().detach() / rate
+            nll = torch.where(sv, 0.0, torch.where(heldin, nll / (1 - rate), nll))
         if cd_keep is not None:
             # gradient only through elements the encoders did not see; the value is unchanged.
             # Held-out neurons and forward-prediction bins are never seen, so always count.
@@ -381,16 +397,25 @@ class LFADS(nn.Module):
             # samples through the factors, so the KL has no closed form (TF LFADS, lfads-torch).
             # E_q[log q] is exact per step: minus the Gaussian entropy.
             neg_entropy = -0.5 * (LOG_2PI + 1 + torch.log(out.co_std**2)).sum((1, 2))
-            log_p = ar1_logprob(out.u, self.co_prior_log_tau, self.co_prior_log_var)
+            log_p = ar1_logprob(out.u, self.co_prior_log_tau, self.co_prior_log_nvar)
             terms["kl_co"] = (neg_entropy - log_p).mean()
         else:
             terms["kl_co"] = torch.zeros((), device=k.device)
-        # L2 on recurrent weights, in TF LFADS units: scale * 0.5 * mean square weight
-        l2 = cfg.l2_gen_scale * 0.5 * self.gen.weight_hh.pow(2).mean()
-        if cfg.co_dim and cfg.l2_con_scale:
-            l2 = l2 + cfg.l2_con_scale * 0.5 * self.con.weight_hh.pow(2).mean()
-        terms["l2"] = l2
+        terms["l2"] = self.l2_penalty()
         return terms
+
+    def l2_penalty(self):
+        """L2 on the recurrent weights, as TF LFADS and lfads-torch weigh it: the sum over the
+        penalised matrices of scale * 0.5 * squared norm, divided by their total entry count."""
+        cfg = self.cfg
+        mats = [(cfg.l2_gen_scale, self.gen.weight_hh)]
+        if cfg.co_dim:
+            mats.append((cfg.l2_con_scale, self.con.weight_hh))
+        mats = [(scale, w) for scale, w in mats if scale > 0]
+        if not mats:
+            return self.gen.weight_hh.new_zeros(())
+        return sum(scale * 0.5 * w.pow(2).sum() for scale, w in mats) / sum(
+            w.numel() for _, w in mats)
 
     def total_loss(self, terms: dict, kl_weight: float, l2_weight: float):
         """The training objective: reconstruction + ramped, scaled KL + ramped L2."""

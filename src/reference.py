@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from src.model import LFADS, Output
 
 
-def gru_step(x, h, w_ih, w_hh, b_ih, b_hh):
-    """One GRU step, torch.nn.GRU's equations written out (reset gate after the product)."""
+def gru_step(x, h, w_ih, w_hh, b_ih, b_hh, clip=float("inf")):
+    """One GRU step, torch.nn.GRU's equations written out (reset gate after the product),
+    the new state clamped to +-clip."""
     x_r, x_z, x_n = F.linear(x, w_ih, b_ih).chunk(3, dim=1)  # (B, H) each
     h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
     r = torch.sigmoid(x_r + h_r)
     z = torch.sigmoid(x_z + h_z)
     n = torch.tanh(x_n + r * h_n)
-    return z * h + (1 - z) * n
+    return torch.clamp(z * h + (1 - z) * n, -clip, clip)
 
 
 def run_gru(gru: torch.nn.GRU, x, reverse: bool):
@@ -66,7 +67,7 @@ def reference_forward(m: LFADS, encod, recon=None, ext=None, sample: bool = True
         noise = torch.randn(T, B, U, device=x.device) if sample else None
         c = m.con_h0.expand(B, -1)
     w_fac = F.normalize(m.fac.weight, dim=1)
-    g = m.ic_to_g0(ic).clamp(-cfg.gen_clip, cfg.gen_clip)
+    g = m.ic_to_g0(ic)
     f = F.linear(m.dropout(g), w_fac)
     gens, facs, co_means, co_stds, us = [], [], [], [], []
     for t in range(T):
@@ -78,14 +79,15 @@ def reference_forward(m: LFADS, encod, recon=None, ext=None, sample: bool = True
                               ci_b[:, t + lag] if seen and t + lag < cfg.t_enc else zero], dim=1)
             con_x = torch.cat([m.dropout(ci_t), m.dropout(f)], dim=1)
             c = gru_step(con_x, c, m.con.weight_ih, m.con.weight_hh, m.con.bias_ih,
-                         m.con.bias_hh)
+                         m.con.bias_hh, cfg.cell_clip)
             mean, logvar = m.co_post(c).chunk(2, dim=1)
             std = torch.sqrt(torch.exp(logvar) + cfg.co_post_var_min)
             u = mean + std * noise[t] if sample else mean
             parts = [u] + parts
             co_means.append(mean), co_stds.append(std), us.append(u)
         gen_x = torch.cat(parts, dim=1) if parts else x.new_zeros(B, 0)
-        g = gru_step(gen_x, g, m.gen.weight_ih, m.gen.weight_hh, m.gen.bias_ih, m.gen.bias_hh)
+        g = gru_step(gen_x, g, m.gen.weight_ih, m.gen.weight_hh, m.gen.bias_ih, m.gen.bias_hh,
+                     cfg.cell_clip)
         f = F.linear(m.dropout(g), w_fac)
         gens.append(g), facs.append(f)
     stack = lambda xs: torch.stack(xs, dim=1) if xs else None  # noqa: E731

@@ -43,7 +43,8 @@ class TrainConfig:
     l2_start: int = 0  # steps before the L2 weight starts to grow
     l2_steps: int = 400  # steps over which the L2 weight grows linearly from 0 to 1
     patience: int = 0  # stop after this many evaluations past the ramps without a better
-    #                    validation reconstruction; 0 = never stop early
+    #                    selection loss (held-in validation reconstruction, or the sample-
+    #                    validation cost with --sv_rate); 0 = never stop early
     n_samples: int = 50  # posterior samples averaged for lfads_output.h5; 0 = posterior means
     seed: int = 0  # seeds weights, batch order, dropout and sampling
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -206,7 +207,9 @@ class Trainer:
     def evaluate(self, split, batch_size: int = 512, sv=None, session: int = 0) -> dict:
         """Loss terms at one posterior sample (an honest ELBO estimate) and metrics of the
         rates at the posterior means, over a whole split. sv: the split's sample-validation
-        mask, (trials, T_enc, N_in) bool or None."""
+        mask, (trials, T_enc, N_in) bool or None; it hides elements from the encoders for the
+        loss terms (recon_sv needs that), while the rates read the whole encoder input, as
+        those of lfads_output.h5 and summary.json do."""
         self.model.eval()
         totals, rates = {}, []
         for i in range(0, len(split), batch_size):
@@ -216,7 +219,8 @@ class Trainer:
             m = None if sv is None else sv[i : i + batch_size].to(self.device)
             with autocast(self.device, self.tcfg.precision):
                 losses = self.model(enc, rec, ext, sample=True, sv_mask=m, session=session).losses
-                out = self.model(enc, ext=ext, sample=False, sv_mask=m, session=session)
+                # the rates from the whole encoder input, as in lfads_output.h5 and the summary
+                out = self.model(enc, ext=ext, sample=False, session=session)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v.item() * len(enc)
             rates.append(torch.exp(out.log_rates).cpu().numpy())
@@ -342,9 +346,10 @@ class Trainer:
         past_ramps = self.step >= ramps_end
         if past_ramps and not final:  # TF LFADS: decay when the training cost stalls
             self.sched.step(row.get("train_total", math.inf))
-        improved = past_ramps and not final and valid["recon"] < self.best
+        score = valid[selection_key(self.mcfg)]
+        improved = past_ramps and not final and score < self.best
         if improved:
-            self.best, self.bad_evals = valid["recon"], 0
+            self.best, self.bad_evals = score, 0
         elif past_ramps and not final:
             self.bad_evals += 1
         self.write_metrics()
@@ -356,7 +361,7 @@ class Trainer:
 
     def evaluate_valid(self) -> dict:
         """Validation metrics; for stitched sessions overall and each session's (over_sessions:
-        the best checkpoint and early stopping follow the overall reconstruction)."""
+        the best checkpoint and early stopping follow the overall selection term)."""
         if not self.stitched:
             return self.evaluate(self.session.valid, sv=self.sv_valid)
         return over_sessions(self.sessions, [
@@ -393,7 +398,15 @@ def set_rng_state(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-LOSS_TERMS = ("recon", "recon_sv", "kl_ic", "kl_co", "l2")  # nats per trial
+LOSS_TERMS = ("recon", "recon_heldin", "recon_sv", "kl_ic", "kl_co", "l2")  # nats per trial
+
+
+def selection_key(mcfg: LFADSConfig) -> str:
+    """The validation loss term that picks ckpt_best.pt and stops early. It never holds what the
+    summary reports: held-out neurons (co-bps), forward-prediction bins (fp-bps), ground truth
+    (R2). With sample validation, the cost of the held-in elements the encoders never saw;
+    without, the reconstruction of held-in neurons over encoder bins."""
+    return "recon_sv" if mcfg.sv_rate > 0 else "recon_heldin"
 
 
 def over_sessions(sessions: list[Session], each: list[dict]) -> dict:

@@ -14,6 +14,7 @@ exit code, never a traceback. Cases tested in other files:
 - a non-finite loss or gradient, kills, SIGINT and SIGTERM: tests/test_resume.py
 """
 
+import dataclasses
 import errno
 import os
 
@@ -24,6 +25,8 @@ from one.api import ONE
 
 from src import prep_data
 from src.main import build_parser, main
+from src.model import LFADSConfig
+from src.trainer import TrainConfig
 from tests.conftest import TINY_MODEL
 from tests.test_data import arr, rewrite
 
@@ -64,6 +67,11 @@ FILES = {  # a bad session file from the tiny one, and what the error must say
                     "'train_encod_data' has dtype"),
     "trial mismatch": (lambda h5: rewrite(h5, valid_recon_data=arr(h5, "valid_recon_data")[1:]),
                        "'valid_encod_data' has 10 trials but 'valid_recon_data' has 9"),
+    # encoder input that is not the held-in block of the reconstructed counts: coordinated
+    # dropout and sample validation would silently learn from the wrong targets
+    "encoder input not the held-in counts": (
+        lambda h5: rewrite(h5, train_encod_data=arr(h5, "train_encod_data")[::-1]),
+        "'train_encod_data' is not the first 16 bins and 9 neurons of 'train_recon_data'"),
 }
 
 
@@ -98,6 +106,25 @@ def test_a_setting_that_cannot_train(tiny_h5, tmp_path, capsys, flag):
                     flag.strip(), value)
     assert code == 2 and one_clear_line(err) and f"{flag.strip()} {value}:" in err, err
     assert not (tmp_path / "results").exists()
+
+
+FLOAT_FLAGS = [f"--{f.name}" for cfg in (LFADSConfig, TrainConfig)
+               for f in dataclasses.fields(cfg) if f.type in (float, "float")]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+@pytest.mark.parametrize("flag", FLOAT_FLAGS)
+def test_every_float_flag_refuses_non_finite_and_negative_values(tiny_h5, tmp_path, capsys,
+                                                                  flag, value):
+    code, err = cli(capsys, "--data", str(tiny_h5), "--results-dir", str(tmp_path / "results"),
+                    flag, value)
+    assert code == 2 and one_clear_line(err) and err.startswith(f"error: {flag} "), err
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_float_sweep_covers_the_flags_of_both_configs():
+    assert {"--lr", "--dropout", "--kl_ic_scale", "--co_prior_nvar", "--max_minutes"} <= set(
+        FLOAT_FLAGS)
 
 
 @pytest.mark.parametrize("flag,value", [("--cd_rate", "lots"), ("--max_steps", "1.5"),

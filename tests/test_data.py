@@ -86,8 +86,10 @@ def test_fewer_recon_neurons_than_encoder_neurons(tiny_h5):
 
 
 def test_splits_disagree_on_sizes(tiny_h5):
+    # valid has 8 held-in neurons (its encoder input still the held-in block), train 9
     bad = rewrite(tiny_h5, valid_encod_data=arr(tiny_h5, "valid_encod_data")[:, :, :8],
-                  valid_recon_data=arr(tiny_h5, "valid_recon_data")[:, :, 1:], valid_truth=None)
+                  valid_recon_data=np.delete(arr(tiny_h5, "valid_recon_data"), 8, axis=2),
+                  valid_truth=None)
     with pytest.raises(DataError, match="'train_encod_data' has 9 neurons but 'valid_encod_data'"):
         load_session(str(bad))
 

@@ -53,17 +53,32 @@ def test_kl_normal_matches_monte_carlo():
 def test_ar1_logprob_matches_gaussian_with_ar1_covariance():
     torch.manual_seed(0)
     T, U = 12, 3
-    tau, var = torch.tensor([2.0, 5.0, 20.0]), torch.tensor([0.1, 0.5, 1.0])
+    tau, nvar = torch.tensor([2.0, 5.0, 20.0]), torch.tensor([0.1, 0.5, 1.0])
     u = torch.randn(4, T, U, dtype=torch.float64)
-    ours = ar1_logprob(u, tau.log().double(), var.log().double())
+    ours = ar1_logprob(u, tau.log().double(), nvar.log().double())
     lags = (torch.arange(T)[:, None] - torch.arange(T)[None]).abs().double()
     direct = 0
     for d in range(U):
         alpha = math.exp(-1 / tau[d].item())
-        cov = var[d].double() * alpha**lags  # stationary AR(1): var * alpha^|i - j|
+        # stationary AR(1) with innovation variance nvar: marginal nvar / (1 - alpha^2), and
+        # covariance marginal * alpha^|i - j|
+        cov = nvar[d].double() / (1 - alpha**2) * alpha**lags
         mvn = torch.distributions.MultivariateNormal(torch.zeros(T, dtype=torch.float64), cov)
         direct = direct + mvn.log_prob(u[:, :, d])
     torch.testing.assert_close(ours, direct)
+
+
+def test_ar1_prior_starts_at_the_references_innovation_variance():
+    m = small_model(co_dim=3)
+    torch.testing.assert_close(m.co_prior_log_nvar.exp(), torch.full((3,), 0.1))
+    # a jump of size 1 from rest in the last bin costs 0.5 / 0.1 = 5 nats more than staying
+    # at 0, as in the references; with 0.1 as the stationary variance it would cost 28
+    u = torch.zeros(1, 3, 3, dtype=torch.float64)
+    jump = u.clone()
+    jump[:, 2] = 1.0
+    lt, ln = m.co_prior_log_tau.double(), m.co_prior_log_nvar.double()
+    cost = (ar1_logprob(u, lt, ln) - ar1_logprob(jump, lt, ln)).item() / 3  # per dimension
+    assert cost == pytest.approx(0.5 / 0.1)
 
 
 def test_ramp_end_points():
@@ -81,7 +96,7 @@ def test_shapes_and_loss_terms():
     assert out.log_rates.shape == (5, 13, 8)
     assert out.factors.shape == (5, 13, 5) and out.gen_states.shape == (5, 13, 16)
     assert out.co_mean.shape == (5, 13, 2) and out.ic_mean.shape == (5, 4)
-    assert set(out.losses) == {"recon", "kl_ic", "kl_co", "l2"}
+    assert set(out.losses) == {"recon", "recon_heldin", "kl_ic", "kl_co", "l2"}
     assert all(torch.isfinite(v) for v in out.losses.values())
 
 
@@ -117,12 +132,21 @@ def test_controller_input_lag_hides_the_current_bin():
     assert torch.all(ci_x[:, 10:] == 0)  # nothing over the forward-prediction bins
 
 
-def test_generator_state_is_clipped():
-    m = small_model(gen_clip=0.5, dropout=0.0).eval()
+def test_generator_clips_every_step_like_a_clamped_torch_gru():
+    # the references' generator: g_0 = ic_to_g0(ic) unclipped, then each state of a GRU step
+    # clamped to +-cell_clip; checked against torch.nn.GRUCell followed by a clamp
+    m = small_model(cell_clip=0.5, dropout=0.0, co_dim=0).eval()
     with torch.no_grad():
-        m.ic_to_g0.bias.fill_(10.0)
+        m.ic_to_g0.bias.fill_(10.0)  # |g_0| far above the clip
     out = m(counts(2, 10, 6), sample=False)
-    assert out.gen_states.abs().max() <= 1.0  # never above max(|g_0|, 1) for a GRU
+    ref = torch.nn.GRUCell(0, 16)
+    ref.load_state_dict({k: getattr(m.gen, k) for k in ref.state_dict()})
+    h = m.ic_to_g0(out.ic_mean)
+    assert h.abs().max() > 5
+    for t in range(SIZES["t_rec"]):
+        h = ref(torch.zeros(2, 0), h).clamp(-0.5, 0.5)
+        torch.testing.assert_close(out.gen_states[:, t], h)
+    assert out.gen_states.abs().max() <= 0.5
 
 
 def test_coordinated_dropout_passes_gradient_only_through_hidden_elements():
