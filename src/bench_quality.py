@@ -32,7 +32,7 @@ import torch
 from src import main as lfads_main
 from src.data import load_session
 from src.infer import posterior_average
-from src.metrics import region_bps
+from src.metrics import rate_metrics, region_bps
 from src.model import LFADS, LFADSConfig
 from src.synth import (
     ChaoticRNNConfig,
@@ -42,7 +42,6 @@ from src.synth import (
     make_lorenz,
     write_session,
 )
-from src.trainer import rate_metrics
 from src.utils import atomic_write_text
 
 PULSE_TOLERANCE = 2  # bins: an inferred pulse this close to the true one counts as found

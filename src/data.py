@@ -220,3 +220,50 @@ def check_compatible(sessions: list[Session]) -> None:
                                 f"the first and {b} in the second. Sessions trained together "
                                 "need the same bin size, alignment and bins per trial; "
                                 "prepare them alike, or train them one at a time with --data")
+
+
+# -----------------------------------------------------------------------------
+# batches
+
+
+def sv_mask(split, rate: float, seed: int) -> torch.Tensor | None:
+    """The fixed sample-validation mask of a split's encoder input, (trials, T_enc, N_in) bool,
+    True = held out; a function of the seed alone, so a resumed run holds out the same
+    elements. None when rate is 0."""
+    if rate <= 0:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(split.encod.shape, generator=g) < rate
+
+
+def batch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The trial order of one epoch, a function of (seed, epoch) alone: resuming at any step
+    gives the same batches as an uninterrupted run."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def next_batch(seed: int, step: int, n_train: list[int], batch_size: int) -> tuple:
+    """(session, trial indices) of a step: one session's epochs of full batches in a shuffled
+    order; several sessions' steps drawn by pick_batch."""
+    if len(n_train) > 1:
+        return pick_batch(seed, step, n_train, batch_size)
+    epoch, pos = divmod(step, max(n_train[0] // batch_size, 1))
+    return 0, batch_order(seed, epoch, n_train[0])[pos * batch_size : (pos + 1) * batch_size]
+
+
+def device_split(split, sv, device) -> dict:
+    """A training split on the device, once: batches are index lookups."""
+    d = {"encod": split.encod, "recon": split.recon, "ext": split.ext, "sv": sv}
+    return {k: None if v is None else v.to(device) for k, v in d.items()}
+
+
+def pick_batch(seed: int, step: int, n_train: list[int], batch_size: int):
+    """The session and trials of one training step, a function of (seed, step) alone, so a
+    resumed run draws what an uninterrupted one would. The session is drawn with probability
+    proportional to its training trials (each trial then is seen equally often on average),
+    and the batch is `batch_size` of its trials without repeats (all of them when it has
+    fewer). Unlike one session's epochs, steps draw independently of each other."""
+    g = torch.Generator().manual_seed(seed * 1_000_033 + step + 7)
+    s = int(torch.multinomial(torch.tensor(n_train, dtype=torch.float64), 1, generator=g))
+    return s, torch.randperm(n_train[s], generator=g)[:batch_size]

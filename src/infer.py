@@ -1,14 +1,42 @@
-"""Inference: rates, factors and inputs averaged over posterior samples, and lfads_output.h5."""
+"""Inference: a split's loss terms and metrics, outputs averaged over posterior samples, and
+lfads_output.h5."""
 
 import h5py
 import numpy as np
 import torch
 
+from src.metrics import rate_metrics
 from src.utils import atomic_path, autocast
 
 # Output name -> attribute of src.model.Output; the keys of lfads_output.h5 (DESIGN.md section 3)
 FIELDS = {"rates": "log_rates", "factors": "factors", "gen_states": "gen_states",
           "co_means": "co_mean", "ic_mean": "ic_mean", "ic_std": "ic_std"}
+
+
+@torch.no_grad()
+def evaluate(model, split, device, precision: str = "fp32", sv=None, session: int = 0,
+             batch_size: int = 512) -> dict:
+    """Loss terms at one posterior sample (an honest ELBO estimate) and metrics of the
+    rates at the posterior means, over a whole split. sv: the split's sample-validation
+    mask, (trials, T_enc, N_in) bool or None; it hides elements from the encoders for the
+    loss terms (recon_sv needs that), while the rates read the whole encoder input, as
+    those of lfads_output.h5 and summary.json do."""
+    model.eval()
+    totals, rates = {}, []
+    for i in range(0, len(split), batch_size):
+        enc = split.encod[i : i + batch_size].to(device)
+        rec = split.recon[i : i + batch_size].to(device)
+        ext = None if split.ext is None else split.ext[i : i + batch_size].to(device)
+        m = None if sv is None else sv[i : i + batch_size].to(device)
+        with autocast(device, precision):
+            losses = model(enc, rec, ext, sample=True, sv_mask=m, session=session).losses
+            out = model(enc, ext=ext, sample=False, session=session)
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + v.item() * len(enc)
+        rates.append(torch.exp(out.log_rates).cpu().numpy())
+    m = {k: v / len(split) for k, v in totals.items()}
+    m.update(rate_metrics(np.concatenate(rates), split))
+    return m
 
 
 @torch.no_grad()

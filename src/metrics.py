@@ -3,7 +3,12 @@
 All functions take numpy arrays of shape (trials, T, N): `rates` are expected counts per bin.
 """
 
+import csv
+import io
+
 import numpy as np
+
+from src.utils import atomic_write_text
 
 
 def poisson_ll(counts, rates):
@@ -59,3 +64,42 @@ def _explained(sse, sst):
     sse, sst = np.asarray(sse), np.asarray(sst)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(sst > 0, 1 - sse / sst, np.where(sse == 0, 1.0, 0.0))
+
+
+LOSS_TERMS = ("recon", "recon_heldin", "recon_sv", "kl_ic", "kl_co", "l2")  # nats per trial
+
+
+def rate_metrics(rates, split) -> dict:
+    """Bits per spike by region and, with ground truth, R2 of rates (all and held-out) of a
+    split (src.data.Split). The region sizes come from the split: stitched sessions differ."""
+    n_in, t_enc = split.encod.shape[2], split.encod.shape[1]
+    m = region_bps(rates, split.recon.numpy(), n_in, t_enc)
+    if split.truth is not None:
+        m["r2"], m["r2_pooled"] = r2(rates, split.truth)
+        if split.truth.shape[2] > n_in:
+            m["r2_heldout"], _ = r2(rates[..., n_in:], split.truth[..., n_in:])
+    return m
+
+
+def over_sessions(sessions, each: list[dict]) -> dict:
+    """Validation metrics of stitched sessions, `each` one dict per session: overall ones
+    first (loss terms per trial over all the sessions' trials, the other metrics the mean over
+    the sessions that have them), then each session's under '<name>_<key>'."""
+    n = np.array([len(s.valid) for s in sessions], float)
+    out = {}
+    for key in dict.fromkeys(k for m in each for k in m):
+        vals = [m.get(key, np.nan) for m in each]
+        out[key] = float(np.dot(vals, n) / n.sum() if key in LOSS_TERMS else np.nanmean(vals))
+    for s, m in zip(sessions, each):
+        out.update({f"{s.name}_{k}": v for k, v in m.items()})
+    return out
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """Rows of metrics as a CSV file, atomically; a column for every key of any row."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())

@@ -74,8 +74,9 @@ class LFADSConfig:
     # gradient, so there the KL weighs about 1 / cd_rate times its ELBO weight
     kl_ic_scale: float = 1.0  # weight of the IC KL, on nats per trial [TF LFADS: 1]
     kl_co_scale: float = 1.0  # weight of the inferred-input KL, on nats per trial [TF: 1]
-    l2_gen_scale: float = 2000.0  # times 0.5 * mean squared generator recurrent weight [TF: 2000]
-    l2_con_scale: float = 0.0  # same for the controller's recurrent weights [TF: 0]
+    l2_gen_scale: float = 2000.0  # L2 weight of the generator's recurrent matrix: scale x 0.5
+    #                               x sum of squares / entries of the penalised matrices [TF: 2000]
+    l2_con_scale: float = 0.0  # the same for the controller's recurrent matrix [TF: 0]
 
 
 # -----------------------------------------------------------------------------
@@ -284,42 +285,41 @@ class LFADS(nn.Module):
     # --- generator and controller ------------------------------------------------
 
     def generate(self, ic, ci, ext, sample: bool):
-        """Run controller and generator for T_rec steps from the IC sample."""
+        """The controller and the generator over T_rec steps from the IC sample. Per step t:
+
+            c_t = GRU_con([ci_t, f_{t-1}], c_{t-1})      controller
+            u_t ~ N(mean(c_t), std(c_t)^2)               inferred input (its mean if not sample)
+            g_t = GRU_gen([u_t, ext_t], g_{t-1})         generator
+            f_t = W_fac g_t                              factors
+
+        with dropout on f_{t-1} and g_t, g_0 = W_ic z and f_0 = W_fac g_0. Returns g, f and u's
+        posterior means, stds and samples, each (B, T_rec, .); the last three None when co_dim
+        is 0."""
         cfg = self.cfg
         B, T, U = ic.shape[0], cfg.t_rec, cfg.co_dim
-        g = self.ic_to_g0(ic)  # (B, H_gen), g_0 unclipped as in the references; the cells clip
-        #                         every later state
+        g = self.ic_to_g0(ic)  # (B, H_gen), g_0: unclipped, as in the references
         w_fac = F.normalize(self.fac.weight, dim=1)  # (F, H_gen): unit-norm rows, as in the refs
         keep_g = self.keep_mask(T + 1, B, cfg.gen_dim, device=g.device)  # (T_rec + 1, B, H_gen)
-        # input projections of every step in one product each, outside the time loop;
-        # unbind, not [:, t]: the backward of unbind is one stack, while each [:, t] would
-        # scatter its gradient into a zero tensor of the full (B, T, .) size: T^2 work
-        gen_w_u, gen_w_ext = self.gen.weight_ih.split([U, cfg.ext_dim], dim=1)
-        gen_in = self.gen.bias_ih.expand(B, T, -1)  # (B, T_rec, 3 H_gen)
-        if cfg.ext_dim:
-            gen_in = gen_in + F.linear(ext, gen_w_ext)
-        gen_in = gen_in.unbind(1)  # T_rec x (B, 3 H_gen)
+        gen_in, gen_w_u = self.generator_inputs(ext, B)  # T_rec x (B, 3 H_gen), (3 H_gen, U)
         if U:
-            con_w_ci, con_w_f = self.con.weight_ih.split([2 * cfg.ci_enc_dim, cfg.fac_dim], dim=1)
-            con_in = F.linear(self.dropout(ci), con_w_ci, self.con.bias_ih)  # (B, T_rec, 3 H_con)
-            con_in = con_in.unbind(1)  # T_rec x (B, 3 H_con)
+            con_in, con_w_f = self.controller_inputs(ci)  # T_rec x (B, 3 H_con), (3 H_con, F)
             keep_f = self.keep_mask(T, B, cfg.fac_dim, device=g.device)  # (T_rec, B, F)
             noise = torch.randn(T, B, U, device=g.device) if sample else g.new_zeros(T, B, U)
             c = self.con_h0.expand(B, -1)  # (B, H_con)
-            f = F.linear(g * keep_g[0], w_fac)  # (B, F), f_0 from g_0
+            f = F.linear(g * keep_g[0], w_fac)  # (B, F)
         gens, facs, co_means, co_stds, us = [], [], [], [], []
         for t in range(T):
             x_gen = gen_in[t]
-            if U:  # the controller reads the data's encoding and the last factors
+            if U:
                 c = self.con(con_in[t] + F.linear(f * keep_f[t], con_w_f), c)  # (B, H_con)
                 mean, logvar = self.co_post(c).chunk(2, dim=1)  # (B, U) each
                 std = torch.sqrt(torch.exp(logvar) + cfg.co_post_var_min)
                 u = mean + std * noise[t]
                 x_gen = x_gen + F.linear(u, gen_w_u)
                 co_means.append(mean), co_stds.append(std), us.append(u)
-            g = self.gen(x_gen, g)
+            g = self.gen(x_gen, g)  # (B, H_gen)
             gens.append(g)
-            if U:
+            if U:  # the controller reads these factors at the next step
                 f = F.linear(g * keep_g[t + 1], w_fac)
                 facs.append(f)
         stack = lambda xs: torch.stack(xs, dim=1) if xs else None  # noqa: E731  T x (B, D) -> (B, T, D)
@@ -327,6 +327,28 @@ class LFADS(nn.Module):
         # without a controller nothing inside the loop needs the factors: one product for all
         facs = stack(facs) if U else F.linear(gens * keep_g[1:].transpose(0, 1), w_fac)
         return gens, facs, stack(co_means), stack(co_stds), stack(us)
+
+    # The next two project the inputs of all steps in one product each, outside the time loop,
+    # and split them with unbind: each [:, t] would scatter its gradient into a zero tensor of
+    # the whole (B, T, .) size, T^2 work (docs/performance.md measures the whole fast path).
+
+    def generator_inputs(self, ext, B: int) -> tuple:
+        """The generator's input projection of every step but that of u_t (which the controller
+        makes inside the loop): T_rec x (B, 3 H_gen), and the matrix of u_t, (3 H_gen, U)."""
+        cfg = self.cfg
+        w_u, w_ext = self.gen.weight_ih.split([cfg.co_dim, cfg.ext_dim], dim=1)
+        gen_in = self.gen.bias_ih.expand(B, cfg.t_rec, -1)  # (B, T_rec, 3 H_gen)
+        if cfg.ext_dim:
+            gen_in = gen_in + F.linear(ext, w_ext)
+        return gen_in.unbind(1), w_u
+
+    def controller_inputs(self, ci) -> tuple:
+        """The controller's input projection of the encoding ci (with dropout) at every step:
+        T_rec x (B, 3 H_con), and the matrix of the factors it also reads, (3 H_con, F)."""
+        cfg = self.cfg
+        w_ci, w_f = self.con.weight_ih.split([2 * cfg.ci_enc_dim, cfg.fac_dim], dim=1)
+        con_in = F.linear(self.dropout(ci), w_ci, self.con.bias_ih)  # (B, T_rec, 3 H_con)
+        return con_in.unbind(1), w_f
 
     # --- the whole pass ------------------------------------------------------------
 

@@ -126,15 +126,26 @@ def truth(session, out, run_dir, neurons=(0, 1, 2, -1), suffix=""):
     save(fig, run_dir, f"truth{suffix}.png")
 
 
-def make_all(run_dir, session, rows, outputs, suffix=""):
+def session_figures(run_dir, session, outputs, suffix=""):
+    """One session's figures of its validation trials."""
     valid = outputs["valid"]
-    if rows:
-        curves(rows, run_dir)
     spikes_and_rates(session, valid, run_dir, suffix=suffix)
     factors(valid, run_dir, suffix=suffix)
     inputs(valid, run_dir, suffix=suffix)
     if session.valid.truth is not None:
         truth(session, valid, run_dir, suffix=suffix)
+
+
+def make_all(run_dir, sessions, rows, outputs):
+    """curves.png of the run; each session's figures (named <figure>_<session>.png when there
+    are several); for several sessions also their factors in one shared latent space."""
+    if rows:
+        curves(rows, run_dir)
+    several = len(sessions) > 1
+    for s, out in zip(sessions, outputs):
+        session_figures(run_dir, s, out, suffix=f"_{s.name}" if several else "")
+    if several:
+        shared_factors(sessions, outputs, run_dir)
 
 
 def shared_factors(sessions, outputs, run_dir, n_cond=6, max_sessions=6):
@@ -173,13 +184,3 @@ def shared_factors(sessions, outputs, run_dir, n_cond=6, max_sessions=6):
     ax2.set(title="colour: condition, line style: session", xlabel="PC1", ylabel="PC2")
     ax2.legend(fontsize=7)
     save(fig, run_dir, "factors_shared.png")
-
-
-def make_all_stitched(run_dir, sessions, rows, outputs):
-    """curves.png for the whole run, the single-session figures of each session (suffix
-    _<session>), and the sessions' factors in their shared latent space."""
-    if rows:
-        curves(rows, run_dir)
-    for s, out in zip(sessions, outputs):
-        make_all(run_dir, s, [], out, suffix=f"_{s.name}")
-    shared_factors(sessions, outputs, run_dir)

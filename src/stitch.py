@@ -3,9 +3,9 @@
 Each session (an IBL insertion) records its own neurons. The stitched model (src/model.py)
 gives every session a linear read-in, N_in -> R shared encoder inputs, and a read-out, F
 factors -> its N neurons; encoders, controller and generator are shared, so the latent
-dynamics are learned from every session's trials at once. Here: the sizes of such a model,
-the principal-component-regression start of the read-ins, and the choice of the session of
-each training step.
+dynamics are learned from every session's trials at once. Here: the sizes of such a model
+and the principal-component-regression start of the read-ins; src/data.py draws the session
+of each training step (pick_batch).
 """
 
 import h5py
@@ -104,14 +104,3 @@ def pcr_init_readins(model, sessions: list[Session], ridge: float = 1e-3) -> int
         lin.weight[:k] = torch.as_tensor(w.T, dtype=lin.weight.dtype)
         lin.bias[:k] = torch.as_tensor(-mean @ w, dtype=lin.bias.dtype)
     return k
-
-
-def pick_batch(seed: int, step: int, n_train: list[int], batch_size: int):
-    """The session and trials of one training step, a function of (seed, step) alone, so a
-    resumed run draws what an uninterrupted one would. The session is drawn with probability
-    proportional to its training trials (each trial then is seen equally often on average),
-    and the batch is `batch_size` of its trials without repeats (all of them when it has
-    fewer). Unlike one session's epochs, steps draw independently of each other."""
-    g = torch.Generator().manual_seed(seed * 1_000_033 + step + 7)
-    s = int(torch.multinomial(torch.tensor(n_train, dtype=torch.float64), 1, generator=g))
-    return s, torch.randperm(n_train[s], generator=g)[:batch_size]

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, stop signals, seeding, devices, several processes."""
+"""Small shared helpers: atomic writes, stop signals, seeding, devices."""
 
 import contextlib
 import glob
@@ -10,7 +10,6 @@ import threading
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 
 @contextlib.contextmanager
@@ -112,35 +111,3 @@ def pick_device(name: str) -> torch.device:
     if has_mps():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-# -----------------------------------------------------------------------------
-# several processes: `torchrun --nproc_per_node=K -m src.main ...` (README, Performance)
-
-
-def world() -> tuple[int, int]:
-    """(rank, number of processes) as torchrun sets them; (0, 1) for a plain run."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_distributed(device_name: str) -> None:
-    """Join torchrun's process group: nccl between GPUs, gloo between CPU processes."""
-    cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-
-
-def rank_device(device: torch.device) -> torch.device:
-    """One process per GPU: process LOCAL_RANK of a machine takes its GPU LOCAL_RANK."""
-    if device.type == "cuda" and dist.is_initialized():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    return device
-
-
-def from_rank0(obj):
-    """Rank 0's `obj` on every rank; `obj` itself in a single process."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

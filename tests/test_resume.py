@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from src.data import load_session
-from src.main import build_parser, main, overrides
+from src.cli import overrides
+from src.data import batch_order, load_session
+from src.main import build_parser, main
 from src.model import LFADS, LFADSConfig
-from src.trainer import TrainConfig, Trainer, batch_order
+from src.trainer import Stop, TrainConfig, Trainer
 from tests.conftest import ROOT, TINY_MODEL
 from tests.test_train import read_metrics
 
@@ -160,18 +161,18 @@ def tiny_trainer(tiny_h5, run_dir, *flags):
     mcfg = LFADSConfig(**{**overrides(args, LFADSConfig), **session.sizes})
     torch.manual_seed(0)
     os.makedirs(run_dir)
-    return Trainer(session, mcfg, TrainConfig(**overrides(args, TrainConfig)), str(run_dir),
+    return Trainer([session], mcfg, TrainConfig(**overrides(args, TrainConfig)), str(run_dir),
                    torch.device("cpu"))
 
 
 def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_alone(tiny_h5, tmp_path):
     tr = tiny_trainer(tiny_h5, tmp_path / "run", "--max_steps", "8", "--eval_every", "4")
-    n, bs, seed = len(tr.session.train), tr.tcfg.batch_size, tr.tcfg.seed
+    n, bs, seed = len(tr.sessions[0].train), tr.tcfg.batch_size, tr.tcfg.seed
     weights = lambda: {k: v.clone() for k, v in tr.model.state_dict().items()}  # noqa: E731
     first = batch_order(seed, 0, n)[:bs]
     bad = first[0].item()  # a NaN in this trial makes each batch that holds it non-finite
-    tr.train["encod"] = tr.train["encod"].clone()
-    tr.train["encod"][bad, 3, 0] = math.nan
+    tr.data[0]["encod"] = tr.data[0]["encod"].clone()
+    tr.data[0]["encod"][bad, 3, 0] = math.nan
     before = weights()
     assert tr.train_step(first, 1.0, 1.0) is None
     assert equal(before, weights()) and not tr.opt.state  # nor has Adam seen it
@@ -185,7 +186,7 @@ def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_alone(tiny_h
     per_epoch = n // bs
     expected = [sum(bad in batch_order(seed, s // per_epoch, n)[(s % per_epoch) * bs:][:bs]
                     for s in range(a, a + 4)) for a in (0, 4)]
-    assert tr.fit() == "done" and tr.step == 8
+    assert tr.fit() is Stop.DONE and tr.step == 8
     assert [r["bad_steps"] for r in tr.rows] == expected and expected[0] >= 1
     assert all(math.isfinite(r["train_total"]) for r in tr.rows)
     assert all(torch.isfinite(v).all() for v in tr.model.state_dict().values())

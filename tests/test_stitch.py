@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from src.data import load_session
-from src.main import METRIC_NAMES, main
+from src.data import load_session, pick_batch
+from src.main import main
 from src.model import LFADS, LFADSConfig
-from src.stitch import pcr_init_readins, pick_batch, psths, stitched_sizes
+from src.prepare import METRIC_NAMES
+from src.stitch import pcr_init_readins, psths, stitched_sizes
 from src.synth import LorenzConfig, make_lorenz, write_session
 from tests.test_resume import assert_same_run, steps
 from tests.test_train import read_metrics
@@ -186,7 +187,7 @@ def test_sessions_are_known_by_name_on_resume_and_in_metrics(tmp_path, capsys):
     before = h5py.File(results / "r/lfads_output_b.h5")["valid_rates"][()]
     assert main(["--resume", str(results / "r"), "--no-plots", "--data", str(d / "*.h5")]) == 0
     assert np.array_equal(h5py.File(results / "r/lfads_output_b.h5")["valid_rates"][()], before)
-    # the metrics a session's name must not clash with are all in main.METRIC_NAMES
+    # the metrics a session's name must not clash with are all in prepare.METRIC_NAMES
     cols = read_metrics(results / "r")[0].keys()
     overall = {c[6:] for c in cols if c.startswith("valid_") and c[6:8] not in ("a_", "b_")}
     assert overall <= set(METRIC_NAMES), overall - set(METRIC_NAMES)

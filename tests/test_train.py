@@ -122,3 +122,26 @@ def test_figures_of_a_tiny_validation_split_and_a_single_factor(tiny_h5, tmp_pat
     assert main(argv) == 0
     for name in ("rates.png", "factors.png", "inputs.png", "truth.png"):
         assert (results / "r" / name).is_file(), name
+
+
+def test_help_explains_every_flag_with_its_config_comment(capsys):
+    import dataclasses
+
+    from src.cli import DATA_SIZES, field_comments
+    from src.model import LFADSConfig
+    from src.trainer import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    squeeze = lambda s: "".join(s.split())  # noqa: E731  argparse re-wraps the lines
+    out = squeeze(capsys.readouterr().out)
+    for cls in (LFADSConfig, TrainConfig):
+        comments = field_comments(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in DATA_SIZES:
+                continue
+            assert len(comments.get(f.name, "")) > 10, f"{f.name} has no comment"
+            assert squeeze(comments[f.name]) in out, f.name
+    # comments that run over several lines arrive whole
+    assert squeeze("share of input elements held out of training by a fixed mask") in out
+    assert squeeze("its stationary variance is nvar / (1 - a^2)") in out
