@@ -57,54 +57,23 @@ class Dataset:
 # (--max_minutes stops it otherwise); --threads 2 uses both cores.
 COMMON = ["--threads", "2", "--max_minutes", "14"]
 DATASETS = {
-    # the quick start's data (65 conditions, 40 neurons) with 50 repeats per condition instead
-    # of 20, and the reference sizes (generator 200, factors 100) trained longer. Measured
-    # alternatives: the quick-start model for 2200 steps, R2 0.942 (0.945 at the means); no
-    # controller (co_dim 0: Lorenz is autonomous) for 3500 steps, 0.934: the inferred inputs
-    # correct the generator's small errors in following the chaotic attractor; these settings
-    # for 2200 steps with the default lr patience: 0.944 (7 minutes), on a plateau from 1500
+    # the quick start's data with 50 trials per condition instead of 20, and the reference
+    # sizes (generator 200, factors 100) trained longer: a controller helps even on autonomous
+    # Lorenz data, as the inputs correct the generator's small errors (docs/validation.md)
     "lorenz": Dataset(
         lambda: make_lorenz(LorenzConfig(trials_per_condition=50)),
         ["--gen_dim", "200", "--fac_dim", "100", "--max_steps", "4000", "--kl_steps", "600",
          "--l2_steps", "600", "--lr_patience", "3"]),
-    # TF LFADS's chaotic RNN without inputs: an autonomous system, so no controller (TF LFADS's
-    # README run on these data: co_dim 0, factors_dim 20). Measured on an earlier version of
-    # the generator that rescaled every trial's rates to its own range: the KL weight starts
-    # only after 500 steps, as with it from step 0 the IC posterior collapsed onto the prior
-    # before the generator had learned to use it (R2 0.00 after 400 steps; with the delay, 0.62
-    # after 300). At full weight the IC KL then squeezed the IC to 7 nats and R2 stalled at
-    # 0.82: a 50-dimensional chaotic state needs more, so the IC KL weighs 0.1 (a beta-VAE, as
-    # lfads-torch's scales); 3500 steps then gave 0.85. A generator of 100 units (TF: 200)
-    # trains twice as many steps in the time budget. With today's generator, factors 20, IC KL
-    # 0.1 and l2_gen_scale 2000: 0.856 (6000 steps); with a controller (--co_dim 2 --con_dim 32
-    # --ci_enc_dim 32), 3921 steps in the 14 minutes: 0.856 too. Then, one change at a time,
-    # R2 after 2000 steps (0.825 before): 50 factors 0.843 (the true rates span all 50 units,
-    # not 20 directions); IC KL 0.03 on top 0.848; l2_gen_scale 200 0.856, 0 0.859 (the L2
-    # pulls the generator away from chaos). No help: dropout 0.2 (0.829), dropout 0.05 with
-    # cd_rate 0.1 (0.815), cd_rate 0.5 (0.844), lr 0.004 (0.836), IC encoder 128 (0.836,
-    # slower), generator 200 (0.854, 1.6x the time per step). Full runs of these settings:
-    # lr_patience 2 0.882 (7468 steps), 1 0.882 (7864 steps): the decaying lr adds ~0.02 late;
-    # with generator 150, 0.881 (5769 steps); with a controller (--co_dim 2 --con_dim 32
-    # --ci_enc_dim 32), 0.879 (4446 steps: more per step, 0.869 after 2000, but 1.8x the time).
-    # Also no help, after 2000 steps (0.860 with these settings): no coordinated dropout 0.840,
-    # though the seen spikes were fitted better (valid recon 2120 against 2128), the over-fitting
-    # it exists to stop; dropout 0 0.851; batch 256 0.840 in the same 200 s; the references'
-    # N(0, 1/H) recurrent initialisation 0.863. 800 more steps of the final run at lr 0.0002
-    # gave 0.885: the lr's noise is not what holds R2 back, learning the dynamics is.
-    # Nor the exponential read-out: rates of a softplus instead gave 0.860 after 2000 steps
-    # (the true rates are affine in tanh of the state, which exp of a linear map of the true
-    # tanh values fits to R2 0.955 at best). Also 0.86 or worse after 2000 steps: IC KL 0.01
-    # (0.862), IC encoder 32 (0.840, 10% faster); batch 64, 0.861 after the same 192 s.
-    # The ideal observer (given the true RNN) reaches 0.919 on the same trials
+    # autonomous, so no controller; 50 factors, as the true rates span all 50 units; the KL
+    # waits 500 steps (else the IC posterior collapses onto the prior), and a light IC KL and
+    # no generator L2 leave room for a chaotic 50-dimensional state (docs/validation.md)
     "chaotic_rnn": Dataset(
         lambda: make_chaotic_rnn(ChaoticRNNConfig()),
         ["--co_dim", "0", "--gen_dim", "100", "--fac_dim", "50", "--max_steps", "8000",
          "--kl_start", "500", "--kl_steps", "1000", "--kl_ic_scale", "0.03",
          "--l2_gen_scale", "0", "--lr_patience", "1"]),
-    # the same RNN kicked by one input pulse per trial at a random time: the controller must
-    # infer it (TF LFADS's README run on its input-pulse data: co_dim 1, factors_dim 20); the
-    # controller and its encoder at 32 units, as the 100-step controller loop doubles the cost
-    # of a step; KL delayed and the IC KL weighted as above
+    # one input pulse per trial, which only the controller can explain; controller and its
+    # encoder at 32 units, as the 100-step controller loop doubles the cost of a step
     "chaotic_rnn_pulses": Dataset(
         lambda: make_chaotic_rnn(ChaoticRNNConfig(input_magnitude=20.0)),
         ["--co_dim", "1", "--gen_dim", "100", "--fac_dim", "20", "--con_dim", "32",

@@ -22,8 +22,9 @@ from src.model import LFADS, LFADSConfig
 from src.reference import reference_forward
 from src.utils import autocast
 
-# lfads-torch's NLB MC_Maze configuration (DESIGN.md section 4): 35 encoder bins of 137
-# held-in neurons, 45 bins of 182 neurons reconstructed, batch 256, reference network sizes
+# lfads-torch's NLB MC_Maze configuration (docs/design.md, Model facts from the references):
+# 35 encoder bins of 137 held-in neurons, 45 bins of 182 neurons reconstructed, batch 256,
+# reference network sizes
 CONFIGS = {
     "mc_maze": (LFADSConfig(n_in=137, n_out=182, t_enc=35, t_rec=45, gen_dim=200, fac_dim=100,
                             dropout=0.3), 256),

@@ -1,6 +1,6 @@
 """Session files: find them, read them, refuse anything that breaks the contract.
 
-The contract (DESIGN.md section 2) is the layout of lfads-torch and the NLB tools:
+The contract (docs/design.md, The session file) is the layout of lfads-torch and the NLB tools:
 {train,valid}_encod_data (trials, T_enc, N_in) and {train,valid}_recon_data (trials, T_rec, N)
 spike counts, optional truth, external inputs and trial indices, and a `bin_size` attribute.
 """

@@ -8,7 +8,8 @@ import torch
 from src.metrics import rate_metrics
 from src.utils import atomic_path, autocast
 
-# Output name -> attribute of src.model.Output; the keys of lfads_output.h5 (DESIGN.md section 3)
+# Output name -> attribute of src.model.Output; the keys of lfads_output.h5
+# (docs/design.md, The run folder)
 FIELDS = {"rates": "log_rates", "factors": "factors", "gen_states": "gen_states",
           "co_means": "co_mean", "ic_mean": "ic_mean", "ic_std": "ic_std"}
 

@@ -2,11 +2,11 @@
 
     python -m src.synth lorenz --out eg_data/lorenz.h5
 
-The file follows the session contract (DESIGN.md section 2) and adds `train_truth` and
-`valid_truth` (rates in Hz) with `conversion_factor` = 1 / bin_size, so that
+The file follows the session contract (docs/design.md, The session file) and adds
+`train_truth` and `valid_truth` (rates in Hz) with `conversion_factor` = 1 / bin_size, so that
 truth / conversion_factor is the expected count per bin that LFADS should infer.
 
-Two recipes after TF LFADS and AutoLFADS (DESIGN.md section 6):
+Two recipes after TF LFADS and AutoLFADS (docs/design.md, Synthetic data):
 
 - lorenz: the three Lorenz latents drive log firing rates through a random linear map; each
   condition is one initial state on the attractor and its trials differ only by Poisson noise.
@@ -37,7 +37,7 @@ class LorenzConfig:
     n_heldout: int = 10  # of which the last n_heldout are never encoder input
     bin_size: float = 0.02  # seconds per bin (TF LFADS Lorenz: 20 ms)
     bin_time: float = 0.02  # Lorenz time units per bin: 50 bins span about 1.5 loops
-    base_rate: float = 5.0  # Hz at the latent mean (DESIGN.md section 6: about 5 Hz)
+    base_rate: float = 5.0  # Hz at the latent mean (docs/design.md, Synthetic data)
     gain: float = 1.0  # std of each neuron's log rate: rates span about e^-2..e^2 x base
     valid_frac: float = 0.2  # share of trials in the validation split
     seed: int = 0  # seeds the latents, then (when readout_seed < 0) read-out, split and spikes
@@ -47,7 +47,7 @@ class LorenzConfig:
 
 
 def lorenz_deriv(x: np.ndarray, sigma=10.0, rho=28.0, beta=8.0 / 3.0) -> np.ndarray:
-    # the classic parameters (Lorenz 1963), as in DESIGN.md section 6
+    # the classic parameters (Lorenz 1963)
     dx = sigma * (x[..., 1] - x[..., 0])
     dy = x[..., 0] * (rho - x[..., 2]) - x[..., 1]
     dz = x[..., 0] * x[..., 1] - beta * x[..., 2]
