@@ -2,8 +2,9 @@
 
 `Trainer.fit` is the loop. What keeps a long run safe sits around it in small helpers:
 src/checkpoint.py saves and restores everything (exact resume), src/ranks.py holds the
-collectives of several torchrun processes, src/stitch.py picks the session of each step when
-several are stitched, and src.utils.stop_signals turns Ctrl-C and SIGTERM into a clean stop.
+collectives of several torchrun processes, src/data.py draws the batches (and the session of
+each step when several are stitched), and src.utils.stop_signals turns Ctrl-C and SIGTERM into
+a clean stop.
 """
 
 import math
