@@ -22,6 +22,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
     name = os.path.splitext(os.path.basename(data))[0]
     out_dir = os.path.abspath(args.out)
     work = os.path.join(out_dir, f"{name}_work")  # Lightning's checkpoints and logs
-    os.makedirs(work, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # an earlier run's checkpoints are not this run's
+    os.makedirs(work)
     torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed)
     repo, commit = checkout_of(lfads_torch)
@@ -159,7 +161,12 @@ def main(argv=None) -> int:
     t0 = time.time()
     trainer = train(model, datamodule, args.minutes, work)
     minutes = (time.time() - t0) / 60
-    best = trainer.checkpoint_callback.best_model_path  # its own checkpoint: not weights only
+    # the best checkpoint; the last one when time ran out before the first validation
+    best = trainer.checkpoint_callback.best_model_path or os.path.join(work, "checkpoints",
+                                                                       "last.ckpt")
+    if not os.path.isfile(best):
+        raise SystemExit(f"error: no checkpoint after {minutes:.1f} min; give more --minutes")
+    # its own checkpoint, which holds more than weights: weights_only=False
     model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     # run_posterior_sampling writes lfads_output_<data name>.h5 into the working directory
     os.chdir(work)
