@@ -12,7 +12,9 @@ Two recipes after TF LFADS and AutoLFADS (docs/design.md, Synthetic data):
   condition is one initial state on the attractor and its trials differ only by Poisson noise.
 - chaotic_rnn: a 50-unit random RNN with gain 1.5 (chaotic), rates from its tanh units; with
   `input_magnitude` > 0 every trial gets one input pulse at a random time, which LFADS can
-  only explain through its controller (inferred inputs).
+  only explain through its controller (inferred inputs). With `n_units` set, a population of
+  n_neurons neurons reads the units through exp of random mixes instead (more neurons than
+  units, rates of a chosen base, spread and depth), as src/bench_panel.py's datasets do.
 
     python -m src.synth chaotic_rnn --out data/crnn.h5 [--input-magnitude 20]
 """
@@ -39,6 +41,8 @@ class LorenzConfig:
     bin_time: float = 0.02  # Lorenz time units per bin: 50 bins span about 1.5 loops
     base_rate: float = 5.0  # Hz at the latent mean (docs/design.md, Synthetic data)
     gain: float = 1.0  # std of each neuron's log rate: rates span about e^-2..e^2 x base
+    rate_spread: float = 0.0  # std of ln(base rate) across neurons; 0 = all at base_rate, 0.75
+    #                           spreads them over about base x e^-1.5..e^1.5 (2 std)
     valid_frac: float = 0.2  # share of trials in the validation split
     seed: int = 0  # seeds the latents, then (when readout_seed < 0) read-out, split and spikes
     readout_seed: int = -1  # >= 0: read-out, split and spikes from this seed instead, so that
@@ -114,6 +118,12 @@ def poisson_session(truth: np.ndarray, cond: np.ndarray, cfg, rng: np.random.Gen
     return out
 
 
+def neuron_base_factors(spread: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Each neuron's base rate relative to the common one, log-normal: (N,). Recorded
+    populations mix quiet and busy neurons (an IBL insertion's good units span about 1-20 Hz)."""
+    return np.exp(spread * rng.normal(size=n))
+
+
 def make_lorenz(cfg: LorenzConfig) -> tuple[dict, dict]:
     rng = np.random.default_rng(cfg.seed)
     z = lorenz_latents(cfg, rng)  # (C, T, 3)
@@ -122,6 +132,8 @@ def make_lorenz(cfg: LorenzConfig) -> tuple[dict, dict]:
     w = rng.normal(size=(3, cfg.n_neurons))
     w *= cfg.gain / np.linalg.norm(w, axis=0)  # each neuron's log rate has std `gain`
     rates_hz = cfg.base_rate * np.exp(z @ w)  # (C, T, N)
+    if cfg.rate_spread > 0:  # drawn only then, so that files without a spread stay as they were
+        rates_hz *= neuron_base_factors(cfg.rate_spread, cfg.n_neurons, rng)
     cond = condition_trials(cfg.n_conditions, cfg.trials_per_condition)
     data = poisson_session(rates_hz[cond], cond, cfg, rng)
     data["latents"] = z.astype(np.float32)
@@ -147,12 +159,23 @@ class ChaoticRNNConfig:
     input_magnitude: float = 0.0  # size of one input pulse per trial; 0 = autonomous [20]
     valid_frac: float = 0.2  # share of trials in the validation split [0.2]
     seed: int = 5  # [synth_data_seed 5]
+    # a recorded population larger (or smaller) than the RNN: n_units > 0 units, and each of
+    # the n_neurons neurons reads a random mix of their tanh values through exp, as LFADS's own
+    # read-out does [not in the recipe, where every unit is one neuron]
+    n_units: int = 0  # RNN units; 0 = n_neurons units, each one a neuron (the recipe)
+    base_rate: float = 5.0  # with n_units: Hz at a neuron's mean log rate (max_rate unused)
+    readout_gain: float = 1.0  # with n_units: std of each neuron's log rate, as LorenzConfig.gain
+    rate_spread: float = 0.0  # with n_units: std of ln(base rate) across neurons, as Lorenz's
+
+
+def n_rnn_units(cfg: ChaoticRNNConfig) -> int:
+    return cfg.n_units or cfg.n_neurons
 
 
 def chaotic_rnn_weights(cfg: ChaoticRNNConfig, rng: np.random.Generator) -> tuple:
-    """The RNN's recurrent weights (N, N), W ~ N(0, g^2/N), and input weights (N,), b ~ N(0, 1)
-    (TF LFADS's `Bin`)."""
-    n = cfg.n_neurons
+    """The RNN's recurrent weights (U, U), W ~ N(0, g^2/U), and input weights (U,), b ~ N(0, 1)
+    (TF LFADS's `Bin`); U = n_neurons unless n_units is set."""
+    n = n_rnn_units(cfg)
     return cfg.gain * rng.normal(size=(n, n)) / np.sqrt(n), rng.normal(size=n)
 
 
@@ -172,13 +195,18 @@ def chaotic_rnn_units(x, w, cfg: ChaoticRNNConfig, tanh=np.tanh, kick=None) -> l
     return out
 
 
-def chaotic_rnn_rates(cfg: ChaoticRNNConfig, w, b_in, x0, pulse_time=None) -> np.ndarray:
-    """Run the RNN from x0 (trials, N), with u_t = input_magnitude b_in at each trial's pulse
-    time when pulse_time is given; returns rates in Hz, (trials, T, N)."""
+def chaotic_rnn_tanh(cfg: ChaoticRNNConfig, w, b_in, x0, pulse_time=None) -> np.ndarray:
+    """Run the RNN from x0 (trials, U), with u_t = input_magnitude b_in at each trial's pulse
+    time when pulse_time is given; returns tanh of the states, (trials, T, U)."""
     kick = None
     if pulse_time is not None:
         kick = lambda t: cfg.input_magnitude * (pulse_time == t)[:, None] * b_in  # noqa: E731
-    out = np.stack(chaotic_rnn_units(x0, w, cfg, kick=kick), axis=1)
+    return np.stack(chaotic_rnn_units(x0, w, cfg, kick=kick), axis=1)
+
+
+def chaotic_rnn_rates(cfg: ChaoticRNNConfig, w, b_in, x0, pulse_time=None) -> np.ndarray:
+    """The recipe's rates in Hz, (trials, T, N): every unit one neuron (see chaotic_rnn_tanh)."""
+    out = chaotic_rnn_tanh(cfg, w, b_in, x0, pulse_time)
     # tanh's (-1, 1) mapped to (0, max_rate) alike in every trial, as TF LFADS does without
     # inputs. With inputs TF LFADS rescales each trial's range instead; we do not: that makes
     # the true rates depend on the whole trial, not on the state, which no dynamical model
@@ -186,10 +214,23 @@ def chaotic_rnn_rates(cfg: ChaoticRNNConfig, w, b_in, x0, pulse_time=None) -> np
     return cfg.max_rate * (out + 1) / 2
 
 
+def readout_rates(units: np.ndarray, cfg: ChaoticRNNConfig, rng: np.random.Generator) -> tuple:
+    """Rates in Hz of neurons that each read a random mix of the units, and the mix.
+
+    units: (trials, T, U) tanh values -> rates (trials, T, N). Each neuron's mix is
+    standardised over all trials and bins, so that its log rate has mean ln(base) and std
+    readout_gain whatever the mix: no neuron is left untuned by chance."""
+    mix = rng.normal(size=(units.shape[2], cfg.n_neurons))  # (U, N)
+    proj = units @ mix  # (trials, T, N)
+    proj = (proj - proj.mean((0, 1))) / proj.std((0, 1))
+    base = cfg.base_rate * neuron_base_factors(cfg.rate_spread, cfg.n_neurons, rng)  # (N,)
+    return base * np.exp(cfg.readout_gain * proj), mix
+
+
 def make_chaotic_rnn(cfg: ChaoticRNNConfig) -> tuple[dict, dict]:
     rng = np.random.default_rng(cfg.seed)
     cond = condition_trials(cfg.n_conditions, cfg.trials_per_condition)
-    x0 = cfg.x0_std * rng.normal(size=(cfg.n_conditions, cfg.n_neurons))[cond]  # (trials, N)
+    x0 = cfg.x0_std * rng.normal(size=(cfg.n_conditions, n_rnn_units(cfg)))[cond]  # (trials, U)
     extra = {}
     pulse_time = None
     if cfg.input_magnitude > 0:
@@ -199,10 +240,18 @@ def make_chaotic_rnn(cfg: ChaoticRNNConfig) -> tuple[dict, dict]:
         pulse_time = rng.integers(quarter, quarter + cfg.n_bins // 2, size=len(cond))
         extra["pulse_time"] = pulse_time
     w, b_in = chaotic_rnn_weights(cfg, rng)
-    rates_hz = chaotic_rnn_rates(cfg, w, b_in, x0, pulse_time)
+    if cfg.n_units:
+        rates_hz, mix = readout_rates(chaotic_rnn_tanh(cfg, w, b_in, x0, pulse_time), cfg, rng)
+    else:
+        rates_hz = chaotic_rnn_rates(cfg, w, b_in, x0, pulse_time)
     data = poisson_session(rates_hz, cond, cfg, rng, extra)
-    # the true system, for the ideal observer (src/bench_quality.py); no part of the contract
-    data["rnn_weights"], data["rnn_input_weights"] = w, b_in
+    # the true system, no part of the contract. `rnn_weights` is what the ideal observer
+    # (src/bench_quality.py) reads, which assumes one neuron per unit: only the recipe's files
+    if cfg.n_units:
+        data["unit_weights"], data["readout_mix"] = w, mix
+    else:
+        data["rnn_weights"] = w
+    data["rnn_input_weights"] = b_in
     attrs = {"bin_size": cfg.bin_size, "conversion_factor": 1.0 / cfg.bin_size,
              "generator": "chaotic_rnn", **{f"synth_{k}": v for k, v in vars(cfg).items()}}
     return data, attrs
