@@ -43,6 +43,7 @@ caches), so the same call builds the same cache.
 import datetime
 import hashlib
 import pickle
+import re
 import shutil
 import types
 import uuid
@@ -174,7 +175,6 @@ def _trials(rng, n_trials):
     # (brainbox/behavior/training.py: "choice == -1 means contrast on right hand side")
     choice = np.where(correct, -side, side).astype(float)
     rt[7], rt[11] = 0.05, 2.5  # outside the paper's reaction-time range 0.08-2 s
-    rt[23] = 0.08  # on the lower bound: kept
     move = stim_on + rt
     move[3] = np.nan
     response = move + 0.2
@@ -568,7 +568,9 @@ class FakeAlyx:
         if url == "sessions" and action == "read":
             return self._session(id, datasets=True)
         if url == "sessions" and action == "list":
-            return [self._session(id)] if id in self._sessions.index else []
+            # by id, or by several: django="pk__in,('<eid>', ...)"
+            eids = [id] if id else re.findall(r"[0-9a-f-]{36}", kwargs.get("django", ""))
+            return [self._session(e) for e in eids if e in self._sessions.index]
         if url == "insertions" and action == "read":
             rows = self._insertions[self._insertions["id"] == id]
             if rows.empty:
