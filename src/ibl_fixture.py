@@ -25,10 +25,12 @@ Roles (insertions), each a way an insertion ends:
 - `main`: prepared.
 - `few_units`: main's probe01, too few good units in MOs (skipped).
 - `no_spikes`: a session whose spike times were never uploaded (failed).
-- `bad_trials`: good units, but its trials exist only in a revision after 2024-07-10 (failed).
+- `bad_trials`: good units, but a trials attribute one trial short, so that loading the trials
+  fails inside ibllib (failed).
 - `no_regions`: a probe outside the release whose channels carry no brain regions (skipped).
 - `stale`: a sorting whose #2024-05-06# lacks clusters.uuids, which ONE then takes from the
-  older unrevisioned files (failed: the revision check).
+  older unrevisioned files (failed: the revision check). Its session's trials exist only in a
+  revision after 2024-07-10.
 main, few_units, no_spikes and bad_trials carry the release tag (FakeAlyx lists them).
 
 The trials follow the brain-wide-map paper's rules in a known way: a few trials with NaN events
@@ -216,8 +218,9 @@ def _paper_trials(table):
     return kept, n_pass
 
 
-def _write_trials(ses, table, rng, revisions=("", NEWER_TRIALS_REVISION)):
-    """The trials table in each revision folder, and the attributes stored beside it once."""
+def _write_trials(ses, table, rng, revisions=("", NEWER_TRIALS_REVISION), short=False):
+    """The trials table in each revision folder, and the attributes stored beside it once
+    (with `short`, quiescencePeriod one trial short)."""
     import pandas as pd
 
     n = len(table["stimOn_times"])
@@ -235,7 +238,7 @@ def _write_trials(ses, table, rng, revisions=("", NEWER_TRIALS_REVISION)):
         alf = ses / "alf"
         np.save(alf / "_ibl_trials.goCueTrigger_times.npy", table["goCue_times"] - 0.0001)
         np.save(alf / "_ibl_trials.stimOff_times.npy", table["feedback_times"] + 1.0)
-        np.save(alf / "_ibl_trials.quiescencePeriod.npy", rng.uniform(0.4, 0.7, n))
+        np.save(alf / "_ibl_trials.quiescencePeriod.npy", rng.uniform(0.4, 0.7, n - short))
         t_wheel = np.arange(0, table["intervals_1"][-1], 0.01)
         np.save(alf / "_ibl_wheel.timestamps.npy", t_wheel)
         np.save(alf / "_ibl_wheel.position.npy", np.cumsum(rng.normal(0, 1e-3, t_wheel.size)))
@@ -467,10 +470,10 @@ def make_local_cache(cache_dir, n_trials: int = 460, seed: int = 0) -> FixtureIn
     _write_sorting(ses2, "probe00", c1, channels, None, full)
     _write_trials(ses2, table, rng)
     insertion("no_spikes", eid2, "probe00")
-    # good units, but trials only in a revision after the paper's date
+    # good units, but trials that fail to load
     eid3, ses3 = session("FX003", "2024-01-17")
     _write_sorting(ses3, "probe00", c1, channels, (times, ids), release_only)
-    _write_trials(ses3, table, rng, revisions=(NEWER_TRIALS_REVISION,))
+    _write_trials(ses3, table, rng, short=True)
     insertion("bad_trials", eid3, "probe00")
     # outside the release: channels without brain regions; and a sorting missing a file
     eid4, ses4 = session("FX004", "2024-01-18")
@@ -481,7 +484,7 @@ def make_local_cache(cache_dir, n_trials: int = 460, seed: int = 0) -> FixtureIn
     _write_sorting(ses4, "probe01", c1, channels, (times, ids),
                    [p for p in PROBE_LISTING if not p.endswith(f"#{REVISION}#/clusters.uuids.csv")])
     insertion("stale", eid4, "probe01", release=False)
-    _write_trials(ses4, table, rng)
+    _write_trials(ses4, table, rng, revisions=(NEWER_TRIALS_REVISION,))
     _write_tables(root, sessions, insertions)
     _write_aggregate(root, {eid: (table, info.kept, info.n_pass) for eid in (eid1, eid2)})
     return info

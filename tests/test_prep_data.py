@@ -428,11 +428,15 @@ def test_a_failed_trials_load_does_not_break_the_next_insertion(ibl_cache, tmp_p
     assert run_prep(ibl_cache, tmp_path, "--pids", bad, good) == 0
     m = manifest(tmp_path)
     assert m.loc[bad, "status"] == "failed" and m.loc[good, "status"] == "ok"
-    assert "no trials in alf on or before --trials-revision 2024-07-10" in m.loc[bad, "reason"]
-    assert "alf/#2025-03-03#/_ibl_trials.table.pqt" in m.loc[bad, "reason"]
+    assert "consistent size" in m.loc[bad, "reason"]
+
+
+def test_trials_missing_at_the_revision_are_named_and_wildcards_restored(ibl_cache):
     one = prep.connect(ibl_cache.cache_dir, local=True)
-    with pytest.raises(FileNotFoundError):
-        prep.load_trials(one, ibl_cache.eids["bad_trials"], prep.PrepConfig())
+    with pytest.raises(FileNotFoundError, match="no trials in alf on or before "
+                       "--trials-revision 2024-07-10 .trials tables: "
+                       "alf/#2025-03-03#/_ibl_trials.table.pqt"):
+        prep.load_trials(one, ibl_cache.eids["stale"], prep.PrepConfig())
     assert one.wildcards is True
 
 
