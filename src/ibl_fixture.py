@@ -494,6 +494,18 @@ def make_local_cache(cache_dir, n_trials: int = 460, seed: int = 0) -> FixtureIn
 # the database, online
 
 
+class _Schemes(dict):
+    """The REST schema's search fields of any endpoint, read as ONE < 3.4 reads them
+    (schemes[endpoint]["list"]["fields"]) or as later ONE does (schemes.fields(...))."""
+
+    def __missing__(self, endpoint):
+        names = ("session", "name", "lab", "subject", "django")
+        return {"list": {"fields": [{"name": n} for n in names]}}
+
+    def fields(self, endpoint, action="list"):
+        return self[endpoint][action]["fields"]
+
+
 class FakeAlyx:
     """Stands in for one.webclient.AlyxClient, serving a fixture cache (the "server") as the
     public database would: the REST queries ONE makes while preparing (sessions, insertions)
@@ -519,9 +531,7 @@ class FakeAlyx:
         self._insertions = pd.read_parquet(root / "insertions.pqt")
         self._release = {server.pids[r] for r in server.release}
         self.served = []  # session-relative paths of the files downloaded, in order
-        names = ("session", "name", "lab", "subject", "django")
-        self.rest_schemes = types.SimpleNamespace(
-            fields=lambda endpoint, action=None: [{"name": n} for n in names])
+        self.rest_schemes = _Schemes()
 
     @classmethod
     def factory(cls, server: FixtureInfo):

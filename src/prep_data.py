@@ -202,7 +202,7 @@ def trial_mask(trials, cfg: PrepConfig) -> np.ndarray:
     alignment event, which has no window to bin."""
     need = sorted(set(cfg.nan_events) | {cfg.align_event, "stimOn_times", "firstMovement_times"})
     _need_columns(trials, need)
-    ok = trials[need].notna().all(axis=1).to_numpy()
+    ok = trials[need].notna().all(axis=1).to_numpy().copy()  # pandas 3 hands out read-only
     rt = (trials["firstMovement_times"] - trials["stimOn_times"]).to_numpy()
     with np.errstate(invalid="ignore"):
         ok &= ~((rt < cfg.min_rt) | (rt > cfg.max_rt))
@@ -325,14 +325,14 @@ def save_cache(one):
     if one.offline or one._cache["datasets"].empty:
         return  # ONE 3.6 reads an empty datasets table back with a qc column it cannot filter
     from iblutil.io import parquet
-    from one.alf.cache import cast_index_object, default_cache
+    from one.alf.cache import cast_index_object
 
     for table, df in one._cache.items():
         path = Path(one.cache_dir) / f"{table}.pqt"
-        if table not in default_cache() and len(df) and not path.exists():
-            # save_cache merges into the tables on disk, which start as ONE's default ones
-            # (sessions, datasets), and fails on any other not there yet (ONE 3.6: the first
-            # insertions table): start it empty
+        if table not in ("_meta", "sessions", "datasets") and len(df) and not path.exists():
+            # save_cache merges into the tables on disk, which always include sessions and
+            # datasets, and fails on any other not there yet (the first insertions table):
+            # start it empty
             stamp = time.strftime("%Y-%m-%d %H:%M")
             parquet.save(path, cast_index_object(df.iloc[0:0].copy(), str),
                          {"date_created": stamp, "origin": "python-lfads prep_data"})
