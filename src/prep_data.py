@@ -598,8 +598,8 @@ def download_trials_table(one, target: Path) -> Path:
 
 
 def load_spikes(one, ssl, cfg: PrepConfig, good_ids, attributes=("times", "clusters")):
-    """Spike `attributes` of the good units `good_ids`, and the files read. From the
-    passing-spikes table, which holds the spikes of good (label == 1) clusters only and is what
+    """Spike `attributes` to bin good units with, and the files read. From the passing-spikes
+    table, which holds the spikes of the good (label == 1) clusters `good_ids` only and is what
     the paper loads (load_spike_sorting with good_units=True): the same spikes for any good
     unit, far less to download than the spikes of every cluster. From the spikes object when
     a sorting has no such table."""
