@@ -6,16 +6,26 @@
     python -m src.prep_data --local --cache-dir DIR          # offline, on an existing ONE cache
     python -m src.prep_data --export-anatomy media/anatomy.csv   # refresh the region table
 
-For each brain-wide-map insertion (release tag 2024_Q2_IBL_et_al_BWM_iblsort, spike sorting
-revision 2024-05-06): load clusters and channels (small), keep the good units (clusters.metrics
-label == 1) in the requested regions and their descendants, and only then load spike times and
-trials; bin the spikes of those units in windows around a task event, on the trials that pass
-the brain-wide-map filters; split trials into train/valid and units into held-in/held-out; write
-the file (see DESIGN.md section 2, and the README for the keys). Every insertion gets a row in
-data/manifest.csv (ok / skipped / failed, with the reason); a rerun skips what is done.
+The brain-wide-map data as its paper loads them (int-brain-lab/paper-brain-wide-map,
+brainwidemap/bwm_loading.py), for each insertion of the release (tag
+2024_Q2_IBL_et_al_BWM_iblsort):
+  sorting  alf/<probe>/pykilosort, revision 2024-05-06; every file read is checked to come from
+           exactly that collection and revision (a later alf/<probe>/iblsorter is never used)
+  units    the good ones (clusters.metrics label == 1) whose channel lies in --regions or any
+           of their descendants; their spikes come from the passing-spikes table (the spikes of
+           good units only), not from the spikes of every cluster
+  trials   the trials table at revision 2024-07-10 (the latest on or before that date); kept:
+           no NaN in stimOn, choice, feedback, probabilityLeft, firstMovement, feedbackType;
+           0.08 s <= firstMovement - stimOn <= 2 s (the paper drops < 0.08 and > 2); and, as the
+           paper, a session must have more than 400 trials with over 90% correct on easy
+           (contrast >= 50%) trials, else it is cut to the longest start that does or skipped.
+           --trials-include bwm_include takes the paper's own column instead.
+Spikes of the kept units are counted in bins around a task event; trials are split into
+train/valid and units into held-in/held-out. Every insertion gets a row in data/manifest.csv
+(ok / skipped / failed, with the reason and the bytes downloaded); a rerun skips what is done.
 
 A standalone script: it needs the `ibl` extra (ONE-api, ibllib, iblatlas) but nothing else of
-this project, and in particular no torch.
+this project, and in particular no torch. docs/ibl.md has the details.
 """
 
 import argparse
@@ -43,7 +53,13 @@ PUBLIC_URL = "https://openalyx.internationalbrainlab.org"
 PUBLIC_USER, PUBLIC_PASSWORD = "intbrainlab", "international"
 ANATOMY_CSV = Path(__file__).resolve().parent.parent / "media" / "anatomy.csv"
 MANIFEST_FIELDS = ["pid", "eid", "probe", "status", "reason", "n_units", "n_trials",
-                   "settings", "updated"]
+                   "bytes_downloaded", "settings", "updated"]
+# the brain-wide-map aggregate trials table (one row per trial of the paper's sessions, with its
+# bwm_include column) and its md5, as the paper's bwm_loading.py downloads and checks it
+BWM_TRIALS_TABLE = "aggregates/2024_Q2_IBL_et_al_BWM/trials.pqt"
+BWM_TRIALS_MD5 = "067fb0e3d242ebeface361c42bdcf8c8"
+# trials attributes as ibllib's SessionLoader reads them: itiDuration often has another length
+TRIALS_ATTRIBUTES = r"(?!itiDuration).*"
 
 
 @dataclass
@@ -55,18 +71,24 @@ class PrepConfig:
     t_before: float = 0.2  # seconds of window before the event
     t_after: float = 0.8  # seconds after it; bins = (t_before + t_after) / bin_size
     bin_size: float = 0.01  # seconds per bin (10 ms, as in Pandarinath et al. 2018)
-    min_rt: float = 0.08  # BWM reaction-time filter, firstMovement - stimOn, in seconds ...
-    max_rt: float = 2.0  # ... (defaults of load_trials_and_mask, brainwidemap/bwm_loading.py)
+    min_rt: float = 0.08  # reaction time firstMovement - stimOn below this: trial dropped ...
+    max_rt: float = 2.0  # ... above this too (defaults of the paper's load_trials_and_mask)
     nan_events: tuple = ("stimOn_times", "choice", "feedback_times", "probabilityLeft",
-                         "firstMovement_times", "feedbackType")  # BWM: NaN in any drops a trial
+                         "firstMovement_times", "feedbackType")  # the paper: NaN in any drops it
+    truncate_to_pass: bool = True  # the paper's session criterion: > 400 trials, > 90% correct
+    # on easy trials; a session that fails is cut to the longest start that passes, or skipped
+    trials_include: str = "filters"  # "filters": the rules above, computed here; "bwm_include":
+    # the column of the paper's aggregate trials table (--trials-table)
     heldout_frac: float = 0.25  # share of units held out (NLB MC_Maze: 45 of 182 ~ 0.25)
     valid_frac: float = 0.2  # share of trials in the validation split
     seed: int = 0  # for the trial split and the held-out units
     min_units: int = 10  # fewer good units in the regions: skip the insertion
-    min_trials: int = 50  # fewer trials after the filters: skip the insertion
-    tag: str = "2024_Q2_IBL_et_al_BWM_iblsort"  # Alyx dataset tag of the BWM release
-    revision: str = "2024-05-06"  # spike-sorting revision of that release
-    spike_sorter: str = "iblsorter"  # collection alf/<probe>/<spike_sorter>
+    min_trials: int = 50  # fewer trials kept: skip the insertion
+    tag: str = "2024_Q2_IBL_et_al_BWM_iblsort"  # Alyx dataset tag of the brain-wide-map release
+    spike_sorter: str = "pykilosort"  # the release's sorting: collection alf/<probe>/<this>
+    revision: str = "2024-05-06"  # its revision; every spike-sorting file read must have it
+    trials_revision: str = "2024-07-10"  # trials: the latest revision on or before this date
+    # (the paper's MODIFIED_BEFORE); newer trials revisions exist
 
     @property
     def n_bins(self) -> int:
@@ -150,19 +172,63 @@ def region_ids(anatomy: dict, acronyms) -> np.ndarray:
 # trials and binning
 
 
-def trial_mask(trials, cfg: PrepConfig) -> np.ndarray:
-    """Trials that pass the brain-wide-map filters: no NaN in the key events (nor in the
-    alignment event), reaction time firstMovement - stimOn within [min_rt, max_rt]."""
-    need = sorted(set(cfg.nan_events) | {cfg.align_event, "stimOn_times", "firstMovement_times"})
-    missing = [c for c in need if c not in trials.columns]
+def _need_columns(trials, columns):
+    missing = [c for c in columns if c not in trials.columns]
     if missing:
         raise KeyError(f"trials table has no column(s) {', '.join(missing)} "
                        f"(it has: {', '.join(trials.columns)})")
-    ok = trials[need].notna().all(axis=1).to_numpy()
+
+
+def passing_length(trials) -> int:
+    """How many trials from the start of a session the paper keeps: all when there are more than
+    400 and over 90% of the easy ones (|contrast| >= 50%) are correct, else the longest start
+    that meets both (the paper drops trials from the end one at a time until it does), 0 when
+    none does (load_trials_and_mask with truncate_to_pass, on ibllib's criterion_delay)."""
+    _need_columns(trials, ["contrastLeft", "contrastRight", "feedbackType"])
+    right = np.nan_to_num(trials["contrastRight"].to_numpy(dtype=float))
+    left = np.nan_to_num(trials["contrastLeft"].to_numpy(dtype=float))
+    easy = np.abs((right - left) * 100) >= 50
+    n_easy = np.cumsum(easy)
+    n_correct = np.cumsum(easy & (trials["feedbackType"].to_numpy() == 1))
+    with np.errstate(invalid="ignore", divide="ignore"):  # no easy trial yet: 0/0 fails, as there
+        passes = (np.arange(1, len(trials) + 1) > 400) & (n_correct / n_easy > 0.9)
+    return int(np.flatnonzero(passes)[-1]) + 1 if passes.any() else 0
+
+
+def trial_mask(trials, cfg: PrepConfig) -> np.ndarray:
+    """Trials kept by the paper's rules: no NaN in cfg.nan_events; dropped when the reaction
+    time firstMovement - stimOn is below min_rt or above max_rt (so both bounds are kept); with
+    truncate_to_pass, only the session's passing start (passing_length). Also dropped: a NaN
+    alignment event, which has no window to bin."""
+    need = sorted(set(cfg.nan_events) | {cfg.align_event, "stimOn_times", "firstMovement_times"})
+    _need_columns(trials, need)
+    ok = trials[need].notna().all(axis=1).to_numpy().copy()  # pandas 3 hands out read-only
     rt = (trials["firstMovement_times"] - trials["stimOn_times"]).to_numpy()
     with np.errstate(invalid="ignore"):
-        ok &= (rt >= cfg.min_rt) & (rt <= cfg.max_rt)
+        ok &= ~((rt < cfg.min_rt) | (rt > cfg.max_rt))
+    if cfg.truncate_to_pass:
+        ok[passing_length(trials):] = False
     return ok
+
+
+def bwm_include_mask(trials, table, eid: str, cfg: PrepConfig) -> np.ndarray:
+    """The paper's own choice of this session's trials: the bwm_include column of its aggregate
+    trials table (one row per trial in session order; a session it cut has rows for its start
+    only), on trials with a finite alignment event. The table's stimOn_times must match the
+    loaded trials', else the two are different revisions of the session."""
+    _need_columns(trials, ["stimOn_times", cfg.align_event])
+    rows = table[table["eid"].astype(str) == str(eid)]
+    if rows.empty:
+        raise Skip(f"session {eid} is not in the aggregate trials table: not one of the paper's")
+    n = len(rows)
+    mine = trials["stimOn_times"].to_numpy(dtype=float)[:n]
+    if n > len(trials) or not np.allclose(rows["stimOn_times"].to_numpy(dtype=float), mine,
+                                          rtol=0, atol=1e-6, equal_nan=True):
+        raise ValueError(f"the aggregate trials table ({n} rows) does not match the {len(trials)}"
+                         f" trials loaded at --trials-revision {cfg.trials_revision} for {eid}")
+    ok = np.zeros(len(trials), dtype=bool)
+    ok[:n] = rows["bwm_include"].to_numpy(dtype=bool)
+    return ok & trials[cfg.align_event].notna().to_numpy()
 
 
 def bin_spikes(times, clusters, unit_ids, starts, n_bins: int, bin_size: float,
@@ -227,25 +293,62 @@ def split_trials(n: int, valid_frac: float, rng) -> tuple:
 # ONE
 
 
+def tables_dir(cache_dir, tag: str) -> Path:
+    """Where an offline cache keeps its tables: in the folder itself, or in <cache>/<tag>/, where
+    ONE puts the tables of a release tag (one.load_cache(tag=...)); the one with an insertions
+    table first."""
+    found = [d for d in (Path(cache_dir), Path(cache_dir) / tag) if (d / "sessions.pqt").is_file()]
+    if not found:
+        raise FileNotFoundError(f"--local needs --cache-dir with a ONE cache: no sessions.pqt in "
+                                f"{cache_dir} nor in {Path(cache_dir) / tag}")
+    return next((d for d in found if (d / "insertions.pqt").is_file()), found[0])
+
+
 def connect(cache_dir=None, local=False, base_url=PUBLIC_URL, username=PUBLIC_USER,
-            password=PUBLIC_PASSWORD):
+            password=PUBLIC_PASSWORD, tag=PrepConfig.tag):
     """A ONE instance: the public database by default, or an existing cache offline."""
     from one.api import ONE
 
     if local:
-        if not cache_dir or not Path(cache_dir, "sessions.pqt").is_file():
-            raise FileNotFoundError(f"--local needs --cache-dir with a ONE cache (sessions.pqt); "
-                                    f"got {cache_dir}")
-        return ONE(mode="local", cache_dir=str(cache_dir))
+        if not cache_dir:
+            raise FileNotFoundError("--local needs --cache-dir with a ONE cache (sessions.pqt)")
+        tables = tables_dir(cache_dir, tag)
+        return ONE(mode="local", cache_dir=str(cache_dir), tables_dir=str(tables))
     return ONE(base_url=base_url, username=username, password=password, silent=True,
                cache_dir=str(cache_dir) if cache_dir else None)
+
+
+def save_cache(one):
+    """Write what ONE learnt online (sessions, datasets, insertions) into the cache folder's
+    tables: in remote mode ONE 3 keeps them in memory only, and --local needs them to reuse
+    the downloads."""
+    if one.offline or one._cache["datasets"].empty:
+        return  # ONE 3.6 reads an empty datasets table back with a qc column it cannot filter
+    from iblutil.io import parquet
+    from one.alf.cache import cast_index_object
+
+    for table, df in one._cache.items():
+        path = Path(one.cache_dir) / f"{table}.pqt"
+        if table not in ("_meta", "sessions", "datasets") and len(df) and not path.exists():
+            # save_cache merges into the tables on disk, which always include sessions and
+            # datasets, and fails on any other not there yet (the first insertions table):
+            # start it empty
+            stamp = time.strftime("%Y-%m-%d %H:%M")
+            parquet.save(path, cast_index_object(df.iloc[0:0].copy(), str),
+                         {"date_created": stamp, "origin": "python-lfads prep_data"})
+    one.save_cache()
+    for meta in one._cache["_meta"]["raw"].values():
+        # save_cache leaves each table's origin a list, on which ONE's next update of the
+        # table (which adds to it as a set) fails
+        if isinstance(meta.get("origin"), list):
+            meta["origin"] = set(meta["origin"])
 
 
 def _insertions_table(one):
     """Local insertions table as rows of dicts (pid, eid, probe), empty if the cache has none.
 
     Read directly rather than via search_insertions: a plain local One has no public search
-    over insertions, and OneAlyx's local search breaks under pandas 3 (see DESIGN.md)."""
+    over insertions, and OneAlyx's local search breaks under pandas 3."""
     table = one._cache.get("insertions")
     if table is None or len(table) == 0:
         return []
@@ -256,12 +359,14 @@ def _insertions_table(one):
 
 def list_insertions(one, cfg: PrepConfig, pids=None) -> list:
     """Insertions to prepare: `pids`, or every insertion of the release tag (online) or of
-    the local cache (offline: a cache downloaded for the tag holds only the tag's data)."""
+    the local cache (offline). Online, ONE records each in its insertions table, which
+    save_cache writes for later offline runs."""
     if one.offline:
         known = {r["pid"]: r for r in _insertions_table(one)}
         if not known:
             raise LookupError(f"the ONE cache in {one.cache_dir} has no insertions table "
-                              "(insertions.pqt): cannot map probe ids to sessions offline")
+                              "(insertions.pqt): cannot map probe ids to sessions offline; an "
+                              "online run with this --cache-dir writes it")
         if pids is None:
             return sorted(known.values(), key=lambda r: r["pid"])
         unknown = [p for p in pids if p not in known]
@@ -277,13 +382,55 @@ def list_insertions(one, cfg: PrepConfig, pids=None) -> list:
                 raise LookupError(f"--pids: no insertion {p} on {one.alyx.base_url}")
             rows.append({"pid": p, "eid": str(eid), "probe": probe})
         return rows
-    records = one.alyx.rest("insertions", "list", django=f"datasets__tags__name,{cfg.tag}")
+    # iterating the records fetches every page; ONE adds each page to its insertions table
+    _, records = one.search_insertions(django=f"datasets__tags__name,{cfg.tag}", details=True)
     rows = {r["id"]: {"pid": r["id"], "eid": r["session"], "probe": r["name"]} for r in records}
     return sorted(rows.values(), key=lambda r: r["pid"])
 
 
+def folder_bytes(folder) -> int:
+    """Bytes of the files under `folder` (0 if there is none): a session folder of the ONE cache
+    grows by what is downloaded into it."""
+    if not folder or not Path(folder).is_dir():
+        return 0
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def alf_parts(rel_path: str) -> tuple:
+    """(collection, revision) of a path relative to its session: alf/probe00/pykilosort/
+    #2024-05-06#/spikes.times.npy -> ("alf/probe00/pykilosort", "2024-05-06")."""
+    folders = str(rel_path).split("/")[:-1]
+    if folders and folders[-1].startswith("#") and folders[-1].endswith("#"):
+        return "/".join(folders[:-1]), folders[-1][1:-1]
+    return "/".join(folders), ""
+
+
+def check_files(files, session_path, collection: str, revision: str) -> list:
+    """The paths of `files` relative to the session, each checked to lie in `collection` at
+    `revision`. ONE's revision= gives the latest on or before that date, and unrevisioned files
+    sort before every date, so a file missing from the revision comes silently from an older
+    sorting, and another collection's unrevisioned files would pass for it."""
+    rels = []
+    for f in files:
+        rel = Path(f).relative_to(session_path).as_posix()
+        found = alf_parts(rel)
+        if found != (collection, revision):
+            raise ValueError(f"{rel}: expected collection {collection} at revision {revision}, "
+                             f"found {found[0]} at {found[1] or 'no revision'}")
+        rels.append(rel)
+    return rels
+
+
+def _sorting(cfg: PrepConfig, probe: str) -> dict:
+    """Keyword arguments that pin a spike-sorting query to the release's collection and
+    revision (ibllib alone would fall back to another sorter's collection)."""
+    return {"spike_sorter": cfg.spike_sorter, "collection": f"alf/{probe}/{cfg.spike_sorter}",
+            "revision": cfg.revision}
+
+
 def load_units(one, eid: str, probe: str, cfg: PrepConfig):
-    """The SpikeSortingLoader and its clusters merged with metrics and channel regions."""
+    """The SpikeSortingLoader, one entry per cluster (label and the other metrics, region,
+    depth, uuid), and the files read, relative to the session."""
     from brainbox.io.one import SpikeSortingLoader
     from iblatlas.regions import BrainRegions
 
@@ -292,79 +439,238 @@ def load_units(one, eid: str, probe: str, cfg: PrepConfig):
     atlas = types.SimpleNamespace(regions=BrainRegions())
     ssl = SpikeSortingLoader(one=one, eid=eid, pname=probe, atlas=atlas,
                              spike_sorter=cfg.spike_sorter)
-    if not ssl.collections:
-        raise FileNotFoundError(f"no spikes datasets for {eid} {probe} in alf/{probe}*")
-    clusters = ssl.load_spike_sorting_object("clusters", revision=cfg.revision)
-    channels = ssl.load_channels(revision=cfg.revision)
-    clusters = SpikeSortingLoader.merge_clusters({}, clusters, channels)
-    return ssl, clusters
+    where = _sorting(cfg, probe)
+    if where["collection"] not in ssl.collections:
+        found = ", ".join(ssl.collections) or "none"
+        raise FileNotFoundError(f"no spikes datasets in {where['collection']} for {eid} "
+                                f"(collections with spikes: {found})")
+    clusters = ssl.load_spike_sorting_object("clusters", **where)
+    require_regions(ssl, where)
+    channels = ssl.load_channels(**where)
+    files = [f for k in ("clusters", "channels") for f in ssl.files.get(k) or []]
+    read = check_files(files, ssl.session_path, where["collection"], cfg.revision)
+    # channel locations of the probe itself (alf/<probe>/electrodeSites), if any, win over the
+    # sorting's in ibllib; they belong to no sorting
+    read += [Path(f).relative_to(ssl.session_path).as_posix()
+             for f in ssl.files.get("electrodeSites") or []]
+    return ssl, merge_units(clusters, channels, f"{eid} {where['collection']}"), read
 
 
-def select_units(clusters, allowed_ids: np.ndarray) -> np.ndarray:
+def require_regions(ssl, where: dict):
+    """Skip, with the reason, a probe whose channels carry no brain regions on file: ibllib
+    would rebuild them from the histology track, which needs the whole Allen atlas (and the
+    database), not the region table the loader is given here."""
+    ssl.download_spike_sorting_object("channels", missing="ignore", **where)
+    ssl.download_spike_sorting_object("electrodeSites", missing="ignore",
+                                      **{**where, "collection": f"alf/{ssl.pname}"})
+    names = [Path(f).name for k in ("channels", "electrodeSites") for f in ssl.files.get(k) or []]
+    if not any(".brainLocationIds_ccf_2017." in n for n in names):
+        raise Skip(f"no channels.brainLocationIds_ccf_2017 in {where['collection']} (revision "
+                   f"{where['revision']}): the probe's brain regions are not on file")
+
+
+def merge_units(clusters, channels, where: str) -> dict:
+    """One entry per cluster: the clusters.metrics columns (label, firing_rate, ...) by
+    cluster_id, and the region of each cluster's channel. Merged here: ibllib's
+    SpikeSortingLoader.merge_clusters without spikes returns None up to 4.0.1 and raises from
+    4.1 when metrics are missing."""
+    import pandas as pd
+
+    for key in ("channels", "depths", "metrics", "uuids"):
+        if key not in clusters:
+            raise KeyError(f"{where}: no clusters.{key} dataset")
+    n = len(clusters["channels"])
+    metrics = pd.DataFrame(clusters["metrics"])
+    ids = metrics["cluster_id"].to_numpy() if "cluster_id" in metrics else np.arange(len(metrics))
+    if "label" not in metrics or not np.array_equal(np.sort(ids), np.arange(n)):
+        raise ValueError(f"{where}: clusters.metrics must have a label for each of the {n} "
+                         f"clusters (it has {len(metrics)} rows, columns {list(metrics)})")
+    order = np.argsort(ids)
+    units = {k: metrics[k].to_numpy()[order] for k in metrics.columns if k != "cluster_id"}
+    chan = np.asarray(clusters["channels"], dtype=np.int64)
+    units["atlas_id"] = np.asarray(channels["atlas_id"])[chan]
+    units["acronym"] = np.asarray(channels["acronym"])[chan]
+    units["channels"] = chan
+    units["depths"] = np.asarray(clusters["depths"], dtype=np.float64)
+    uuids = clusters["uuids"]  # a table (clusters.uuids.csv) with one column
+    units["uuids"] = np.asarray(uuids["uuids"] if hasattr(uuids, "columns") else uuids, dtype=str)
+    return units
+
+
+def select_units(units: dict, allowed_ids: np.ndarray) -> np.ndarray:
     """Cluster ids of good units (label == 1) whose channel lies in `allowed_ids`, by depth."""
     # channels carry Allen ids; iblatlas lateralises by sign (left hemisphere negative)
-    in_region = np.isin(np.abs(np.asarray(clusters["atlas_id"])), allowed_ids)
-    good = np.asarray(clusters["label"]) == 1
+    in_region = np.isin(np.abs(np.asarray(units["atlas_id"])), allowed_ids)
+    good = np.asarray(units["label"]) == 1
     ids = np.flatnonzero(good & in_region)
-    return ids[np.argsort(np.asarray(clusters["depths"])[ids], kind="stable")]
+    return ids[np.argsort(np.asarray(units["depths"])[ids], kind="stable")]
 
 
-def load_trials(one, eid: str):
+def trials_collection(one, eid: str) -> str:
+    """The collection of the session's trials table ("alf" in the release)."""
+    found = {alf_parts(p)[0] for p in one.list_datasets(eid, "_ibl_trials.table.pqt")}
+    if len(found) > 1:
+        raise ValueError(f"{eid}: trials tables in several collections ({', '.join(found)})")
+    return found.pop() if found else "alf"
+
+
+def load_trials(one, eid: str, cfg: PrepConfig):
+    """The session's trials table at cfg.trials_revision (the latest on or before it), loaded
+    as the paper does (ibllib's SessionLoader with a revision), and the files it came from."""
     from brainbox.io.one import SessionLoader
+    from one.alf.exceptions import ALFObjectNotFound
 
-    sl = SessionLoader(one=one, eid=eid)
-    sl.load_trials()
-    return sl.trials.reset_index(drop=True)
+    collection = trials_collection(one, eid)
+    wildcards = one.wildcards
+    try:
+        sl = SessionLoader(one=one, eid=eid, revision=cfg.trials_revision)
+        try:
+            sl.load_trials(collection=collection)
+        except ALFObjectNotFound as e:
+            found = one.list_datasets(eid, "_ibl_trials.table.pqt") or ["none"]
+            raise FileNotFoundError(f"no trials in {collection} on or before --trials-revision "
+                                    f"{cfg.trials_revision} (trials tables: "
+                                    f"{', '.join(found)})") from e
+        one.wildcards = False  # TRIALS_ATTRIBUTES is a regular expression, as in SessionLoader
+        files = one.load_object(eid, "trials", collection=collection, attribute=TRIALS_ATTRIBUTES,
+                                revision=cfg.trials_revision, download_only=True)
+    finally:
+        # load_trials turns ONE's wildcards off for its query and on again only when it
+        # succeeds; left off, every later pattern (alf/probe00*, spikes*) is read as a regular
+        # expression and matches nothing
+        one.wildcards = wildcards
+    rels = [Path(f).relative_to(sl.session_path).as_posix() for f in files]
+    return sl.trials.reset_index(drop=True), rels
 
 
-def load_spikes(one, ssl, cfg: PrepConfig):
-    # only times and clusters: the loader's own spikes object also pulls amplitudes and
-    # depths, as large again
-    return one.load_object(ssl.eid, "spikes", collection=ssl.collection,
-                           attribute=["times", "clusters"], revision=cfg.revision)
+def keep_trials(trials, eid: str, cfg: PrepConfig, table=None) -> np.ndarray:
+    """The trials kept: the paper's bwm_include column, or its rules computed here."""
+    if cfg.trials_include == "bwm_include":
+        return bwm_include_mask(trials, table, eid, cfg)
+    if cfg.truncate_to_pass and passing_length(trials) == 0:
+        raise Skip(f"{len(trials)} trials never reach the paper's session criterion (more than "
+                   "400 trials, over 90% correct on easy trials); --no-truncate keeps them")
+    return trial_mask(trials, cfg)
+
+
+def open_trials_table(one, path=None):
+    """The paper's aggregate trials table (eid, stimOn_times, bwm_include): `path`, else
+    <ONE cache>/bwm_tables/trials.pqt, where the paper's download helper puts it (and where it
+    is downloaded when online)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    target = Path(path) if path else Path(one.cache_dir) / "bwm_tables" / "trials.pqt"
+    if not target.is_file():
+        if path or one.offline:
+            raise FileNotFoundError(f"--trials-include bwm_include: no aggregate trials table "
+                                    f"{target}; an online run downloads it there, or give "
+                                    "--trials-table")
+        download_trials_table(one, target)
+    columns = ["eid", "stimOn_times", "bwm_include"]
+    missing = sorted(set(columns) - set(pq.read_schema(target).names))
+    if missing:
+        raise ValueError(f"{target}: not the paper's aggregate trials table (no column(s) "
+                         f"{', '.join(missing)})")
+    return pd.read_parquet(target, columns=columns)
+
+
+def download_trials_table(one, target: Path) -> Path:
+    """The paper's aggregate trials table from IBL's public bucket, as its bwm_loading.py
+    fetches it, checked against the md5 the paper pins."""
+    from iblutil.io import hashfile
+    from one.remote import aws
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        s3, bucket = aws.get_s3_from_alyx(alyx=one.alyx)
+        if aws.s3_download_file(BWM_TRIALS_TABLE, tmp, s3=s3, bucket_name=bucket,
+                                overwrite=True) is None:
+            raise FileNotFoundError(f"{BWM_TRIALS_TABLE} not found in the bucket {bucket}")
+        if hashfile.md5(tmp) != BWM_TRIALS_MD5:
+            raise ValueError(f"{BWM_TRIALS_TABLE}: md5 {hashfile.md5(tmp)}, not the paper's "
+                             f"{BWM_TRIALS_MD5}")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def load_spikes(one, ssl, cfg: PrepConfig, good_ids, attributes=("times", "clusters")):
+    """Spike `attributes` to bin good units with, and the files read. From the passing-spikes
+    table, which holds the spikes of the good (label == 1) clusters `good_ids` only and is what
+    the paper loads (load_spike_sorting with good_units=True): the same spikes for any good
+    unit, far less to download than the spikes of every cluster. From the spikes object when
+    a sorting has no such table."""
+    import pandas as pd
+    from one.alf.exceptions import ALFObjectNotFound
+    from one.alf.io import load_object
+
+    where = _sorting(cfg, ssl.pname)
+    pin = {"collection": where["collection"], "revision": cfg.revision, "download_only": True}
+    try:
+        files = one.load_object(ssl.eid, "passingSpikes", **pin)
+    except ALFObjectNotFound:
+        files = one.load_object(ssl.eid, "spikes", attribute=list(attributes), **pin)
+        rels = check_files(files, ssl.session_path, where["collection"], cfg.revision)
+        spikes = load_object(files)
+        return {k: np.asarray(spikes[k]) for k in attributes}, rels
+    rels = check_files(files, ssl.session_path, where["collection"], cfg.revision)
+    table = pd.read_parquet(files[0], columns=list(attributes))
+    spikes = {k: table[k].to_numpy() for k in attributes}
+    present = np.flatnonzero(np.bincount(spikes["clusters"].astype(np.int64)))
+    if not np.isin(present, good_ids).all():
+        raise ValueError(f"{rels[0]} holds spikes of clusters that are not good units "
+                         f"(e.g. {present[~np.isin(present, good_ids)][:5].tolist()})")
+    return spikes, rels
 
 
 # ---------------------------------------------------------------------------------------------
 # one insertion
 
 
-def prepare(one, ins: dict, cfg: PrepConfig, allowed_ids: np.ndarray, out_path: Path) -> dict:
+def prepare(one, ins: dict, cfg: PrepConfig, allowed_ids: np.ndarray, out_path: Path,
+            trials_table=None) -> dict:
     """Load, select, bin, split and write one insertion; return the manifest numbers."""
     pid, eid, probe = ins["pid"], ins["eid"], ins["probe"]
-    ssl, clusters = load_units(one, eid, probe, cfg)
-    units = select_units(clusters, allowed_ids)
+    ssl, units, read = load_units(one, eid, probe, cfg)
+    chosen = select_units(units, allowed_ids)
     need = max(cfg.min_units, 2)  # one held-in and one held-out unit at least
-    if units.size < need:
-        raise Skip(f"{units.size} good units in {' '.join(cfg.regions)}, fewer than {need} "
+    if chosen.size < need:
+        raise Skip(f"{chosen.size} good units in {' '.join(cfg.regions)}, fewer than {need} "
                    f"(--min-units {cfg.min_units})")
-    trials = load_trials(one, eid)
-    kept = np.flatnonzero(trial_mask(trials, cfg))
+    trials, trials_read = load_trials(one, eid, cfg)
+    kept = np.flatnonzero(keep_trials(trials, eid, cfg, trials_table))
     need = max(cfg.min_trials, 2)  # one train and one valid trial at least
     if kept.size < need:
-        raise Skip(f"{kept.size} of {len(trials)} trials pass the BWM filters, fewer than "
-                   f"{need} (--min-trials {cfg.min_trials})")
-    spikes = load_spikes(one, ssl, cfg)
+        raise Skip(f"{kept.size} of {len(trials)} trials kept ({cfg.trials_include}), fewer "
+                   f"than {need} (--min-trials {cfg.min_trials})")
+    spikes, spikes_read = load_spikes(one, ssl, cfg, np.flatnonzero(units["label"] == 1))
     starts = trials[cfg.align_event].to_numpy()[kept] - cfg.t_before
-    counts = bin_spikes(spikes["times"], spikes["clusters"], units, starts, cfg.n_bins,
+    counts = bin_spikes(spikes["times"], spikes["clusters"], chosen, starts, cfg.n_bins,
                         cfg.bin_size)
     del spikes
     rng = np.random.default_rng(cfg.seed)
     train, valid = split_trials(kept.size, cfg.valid_frac, rng)
-    n_out = min(int(round(cfg.heldout_frac * units.size)), units.size - 1)  # keep one held in
-    heldout = np.zeros(units.size, dtype=bool)
-    heldout[rng.choice(units.size, n_out, replace=False)] = True
+    n_out = min(int(round(cfg.heldout_frac * chosen.size)), chosen.size - 1)  # keep one held in
+    heldout = np.zeros(chosen.size, dtype=bool)
+    heldout[rng.choice(chosen.size, n_out, replace=False)] = True
     order = np.r_[np.flatnonzero(~heldout), np.flatnonzero(heldout)]  # each part by depth
     counts = counts[:, :, order]
-    units = units[order]
-    attrs = {"pid": pid, "eid": eid, "probe": probe, "revision": cfg.revision, "tag": cfg.tag,
-             "collection": ssl.collection, "align_event": cfg.align_event,
+    chosen = chosen[order]
+    attrs = {"pid": pid, "eid": eid, "probe": probe, "tag": cfg.tag,
+             "collection": _sorting(cfg, probe)["collection"], "revision": cfg.revision,
+             "trials_revision": cfg.trials_revision, "trials_include": cfg.trials_include,
+             "datasets": json.dumps(read + trials_read + spikes_read),
+             "align_event": cfg.align_event,
              "t_before": cfg.t_before, "t_after": cfg.t_after, "bin_size": cfg.bin_size,
              "n_heldin": int((~heldout).sum()), "n_heldout": n_out,
              "regions": json.dumps(list(cfg.regions)), "settings": json.dumps(cfg.settings()),
              "settings_hash": cfg.settings_hash(), "session_ref": _session_ref(one, eid),
              "source": "IBL via ONE " + _origin(one), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_session(out_path, counts, train, valid, kept, units, clusters, trials, attrs)
-    return {"n_units": int(units.size), "n_trials": int(kept.size)}
+    write_session(out_path, counts, train, valid, kept, chosen, units, trials, attrs)
+    return {"n_units": int(chosen.size), "n_trials": int(kept.size)}
 
 
 def _session_ref(one, eid):
@@ -378,9 +684,9 @@ def _origin(one):
     return f"cache {one.cache_dir}" if one.offline else one.alyx.base_url
 
 
-def write_session(path: Path, counts, train, valid, kept, units, clusters, trials, attrs):
-    """Write the session file in the DESIGN.md section 2 layout, atomically: a temporary name
-    in the same folder, renamed when complete, removed on any error or Ctrl-C."""
+def write_session(path: Path, counts, train, valid, kept, chosen, units, trials, attrs):
+    """Write the session file that src.main reads (README), atomically: a temporary name in
+    the same folder, renamed when complete, removed on any error or Ctrl-C."""
     n_in = attrs["n_heldin"]
     dtype = smallest_uint(counts)
     gz = {"compression": "gzip", "compression_opts": 4}
@@ -392,11 +698,11 @@ def write_session(path: Path, counts, train, valid, kept, units, clusters, trial
                 f.create_dataset(f"{split}_encod_data", data=c[:, :, :n_in], **gz)
                 f.create_dataset(f"{split}_recon_data", data=c, **gz)
                 f.create_dataset(f"{split}_inds", data=kept[rows])  # rows of the trials table
-            f["cluster_ids"] = units
-            f["cluster_uuids"] = np.asarray(clusters["uuids"], dtype=object)[units].astype("S36")
-            f["acronyms"] = np.asarray(clusters["acronym"], dtype=object)[units].astype("S")
-            f["atlas_ids"] = np.asarray(clusters["atlas_id"])[units]
-            f["depths"] = np.asarray(clusters["depths"], dtype=np.float64)[units]  # um from tip
+            f["cluster_ids"] = chosen
+            f["cluster_uuids"] = units["uuids"][chosen].astype("S36")
+            f["acronyms"] = np.asarray(units["acronym"], dtype=str)[chosen].astype("S")
+            f["atlas_ids"] = np.asarray(units["atlas_id"])[chosen]
+            f["depths"] = units["depths"][chosen]  # um from the tip
             f["trials_kept"] = kept
             g = f.create_group("trials")  # the whole session table: index it with *_inds
             for col in trials.columns:
@@ -460,7 +766,7 @@ def prepared_numbers(path: Path) -> dict:
 
 
 def run(one, cfg: PrepConfig, out_dir, pids=None, max_insertions=0, overwrite=False,
-        anatomy_path=ANATOMY_CSV) -> dict:
+        anatomy_path=ANATOMY_CSV, trials_table=None) -> dict:
     """Prepare every selected insertion; return the manifest rows of this run by pid."""
     from tqdm import tqdm
 
@@ -468,7 +774,9 @@ def run(one, cfg: PrepConfig, out_dir, pids=None, max_insertions=0, overwrite=Fa
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.n_bins  # noqa: B018  (fail on a bad window before touching the network)
     allowed = region_ids(load_anatomy(anatomy_path), cfg.regions)
+    table = open_trials_table(one, trials_table) if cfg.trials_include == "bwm_include" else None
     todo = list_insertions(one, cfg, pids)
+    save_cache(one)
     if max_insertions > 0:
         todo = todo[:max_insertions]
     manifest_path = out_dir / "manifest.csv"
@@ -488,6 +796,7 @@ def run(one, cfg: PrepConfig, out_dir, pids=None, max_insertions=0, overwrite=Fa
                        prepared_numbers(out_path))
             now = time.strftime("%Y-%m-%dT%H:%M:%S")
             done[pid] = {**row, **numbers, "status": "ok", "reason": "prepared",
+                         "bytes_downloaded": old.get("bytes_downloaded", "") if kept else "",
                          "updated": old.get("updated", "") if kept else now}
             if any(str(done[pid].get(k, "")) != old.get(k, "") for k in MANIFEST_FIELDS):
                 # a row lost (a kill between the file and its row) or edited comes back
@@ -496,15 +805,20 @@ def run(one, cfg: PrepConfig, out_dir, pids=None, max_insertions=0, overwrite=Fa
         if not overwrite and old.get("status") == "skipped" and old.get("settings") == h:
             done[pid] = old
             continue
+        session = _session_path(one, ins["eid"])
+        before = folder_bytes(session)
         try:
-            row.update(prepare(one, ins, cfg, allowed, out_path), status="ok", reason="prepared")
+            row.update(prepare(one, ins, cfg, allowed, out_path, table), status="ok",
+                       reason="prepared")
         except Skip as e:
             row.update(status="skipped", reason=str(e))
         except KeyboardInterrupt:
             raise
         except Exception as e:  # network, missing dataset, bad table: log it and go on
             row.update(status="failed", reason=f"{type(e).__name__}: {e}".replace("\n", " "))
+        row["bytes_downloaded"] = folder_bytes(session) - before
         row["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        save_cache(one)
         if row["status"] != "ok" and out_path.exists() and prepared_hash(out_path) != h:
             out_path.unlink()  # a file from other settings would pass for this preparation
         done[pid] = row
@@ -515,6 +829,13 @@ def run(one, cfg: PrepConfig, out_dir, pids=None, max_insertions=0, overwrite=Fa
     tqdm.write(f"{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; "
                f"see {manifest_path}")
     return done
+
+
+def _session_path(one, eid):
+    try:
+        return one.eid2path(eid)
+    except Exception:  # only for counting downloads; loading the insertion reports the problem
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -537,11 +858,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument("--min-units", type=int, default=d.min_units, help="(default: %(default)s)")
     p.add_argument("--min-trials", type=int, default=d.min_trials, help="(default: %(default)s)")
-    p.add_argument("--min-rt", type=float, default=d.min_rt, help="seconds (default: %(default)s)")
-    p.add_argument("--max-rt", type=float, default=d.max_rt, help="seconds (default: %(default)s)")
-    p.add_argument("--revision", default=d.revision, help="(default: %(default)s)")
-    p.add_argument("--tag", default=d.tag, help="(default: %(default)s)")
-    p.add_argument("--spike-sorter", default=d.spike_sorter, help="(default: %(default)s)")
+    p.add_argument("--min-rt", type=float, default=d.min_rt,
+                   help="seconds; a shorter reaction time drops the trial (default: %(default)s)")
+    p.add_argument("--max-rt", type=float, default=d.max_rt,
+                   help="seconds; a longer one drops it too (default: %(default)s)")
+    p.add_argument("--no-truncate", action="store_true",
+                   help="keep sessions whole that fail the paper's criterion of more than 400 "
+                        "trials with over 90%% correct on easy trials (default: cut them to the "
+                        "longest start that passes, or skip them, as the paper)")
+    p.add_argument("--trials-include", choices=("filters", "bwm_include"),
+                   default=d.trials_include,
+                   help="filters: the rules above, computed here; bwm_include: the column of the "
+                        "paper's aggregate trials table (default: %(default)s)")
+    p.add_argument("--trials-table", metavar="PQT",
+                   help="the aggregate trials table for --trials-include bwm_include (default: "
+                        "<cache>/bwm_tables/trials.pqt, downloaded there when online)")
+    p.add_argument("--trials-revision", default=d.trials_revision,
+                   help="trials: the latest revision on or before this date (default: "
+                        "%(default)s, the paper's)")
+    p.add_argument("--spike-sorter", default=d.spike_sorter,
+                   help="sorting collection alf/<probe>/<this> (default: %(default)s, the "
+                        "release's)")
+    p.add_argument("--revision", default=d.revision,
+                   help="spike-sorting revision; every file read must have it "
+                        "(default: %(default)s)")
+    p.add_argument("--tag", default=d.tag,
+                   help="Alyx dataset tag of the release (default: %(default)s)")
     p.add_argument("--out-dir", default="data", help="(default: %(default)s)")
     p.add_argument("--max-insertions", type=int, default=0, help="stop after N (0: all)")
     p.add_argument("--overwrite", action="store_true", help="redo files already prepared")
@@ -566,7 +908,9 @@ def config_from_args(a) -> PrepConfig:
                       t_after=a.window[1], bin_size=a.bin_size, min_rt=a.min_rt,
                       max_rt=a.max_rt, heldout_frac=a.heldout_frac, valid_frac=a.valid_frac,
                       seed=a.seed, min_units=a.min_units, min_trials=a.min_trials, tag=a.tag,
-                      revision=a.revision, spike_sorter=a.spike_sorter)
+                      revision=a.revision, spike_sorter=a.spike_sorter,
+                      truncate_to_pass=not a.no_truncate, trials_include=a.trials_include,
+                      trials_revision=a.trials_revision)
 
 
 def main(argv=None) -> int:
@@ -588,8 +932,9 @@ def main(argv=None) -> int:
             raise ValueError(f"--max-insertions {a.max_insertions}: must be 0 (all) or more")
         cfg.n_bins  # noqa: B018
         region_ids(load_anatomy(a.anatomy), cfg.regions)
-        one = connect(a.cache_dir, a.local, a.base_url, a.username, a.password)
-        run(one, cfg, a.out_dir, a.pids, a.max_insertions, a.overwrite, a.anatomy)
+        one = connect(a.cache_dir, a.local, a.base_url, a.username, a.password, cfg.tag)
+        run(one, cfg, a.out_dir, a.pids, a.max_insertions, a.overwrite, a.anatomy,
+            a.trials_table)
     except (ValueError, LookupError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
