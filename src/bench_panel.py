@@ -31,8 +31,8 @@ import numpy as np
 from src import main as lfads_main
 from src.bench_quality import TINY_FLAGS
 from src.data import load_session
+from src.metrics import rate_metrics
 from src.synth import ChaoticRNNConfig, LorenzConfig, make_chaotic_rnn, make_lorenz, write_session
-from src.trainer import rate_metrics
 from src.utils import atomic_write_text
 
 # The panel: sizes, rates and latent systems that span what users bring (docs/panel.md says
@@ -267,7 +267,7 @@ def run_one(name: str, args, old: dict | None) -> dict | None:
     return evaluate(name, data_path, run_dir, wall)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m src.bench panel", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(PANEL), help="datasets to run")
@@ -284,19 +284,18 @@ def main(argv=None) -> int:
     p.add_argument("--reference", metavar="DIR", help="add the scores of lfads-torch's rates "
                    "in DIR/<dataset>.h5 (bench/lfads_torch/run.py)")
     p.add_argument("--tiny", action="store_true", help="tiny data and model: a smoke test")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.max_minutes <= 0:
         raise SystemExit(f"error: --max_minutes {args.max_minutes:g}: must be above 0; the "
                          "panel's runs need a ceiling to fit their time budget")
     if args.reference and not os.path.isdir(args.reference):
         raise SystemExit(f"error: --reference {args.reference}: no such folder")
     os.makedirs(args.out, exist_ok=True)
-    names = args.only or list(PANEL)
-    if args.rescore and not args.only:  # every dataset trained so far
-        names = [n for n in PANEL if os.path.isfile(os.path.join(args.out, "runs", n,
-                                                                 "lfads_output.h5"))]
-        if not names:
-            raise SystemExit(f"error: --rescore: no trained runs in {args.out}/runs")
+    names = chosen(args)
     if args.data_only:
         for name in names:
             print(generate(name, args.out, args.tiny))
@@ -328,3 +327,14 @@ def main(argv=None) -> int:
         print(f"error: training failed for {', '.join(failed)}")
         return 1
     return 0
+
+
+def chosen(args) -> list:
+    """The datasets to run: --only, else all of them; --rescore alone: every one trained."""
+    if not args.rescore or args.only:
+        return args.only or list(PANEL)
+    names = [n for n in PANEL
+             if os.path.isfile(os.path.join(args.out, "runs", n, "lfads_output.h5"))]
+    if not names:
+        raise SystemExit(f"error: --rescore: no trained runs in {args.out}/runs")
+    return names

@@ -1,6 +1,6 @@
 """Does it recover the truth? Train on ground-truth datasets and score against the truth.
 
-    python -m src.bench quality                         # every dataset (about 45 min, 2 CPU cores)
+    python -m src.bench quality                         # every dataset (about 40 min, 2 CPU cores)
     python -m src.bench quality --only lorenz           # one; the table keeps the others' rows
     python -m src.bench quality --only chaotic_rnn --steps 200      # a quicker, worse run
 

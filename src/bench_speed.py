@@ -149,7 +149,7 @@ def ratios(name: str, med: dict, device) -> None:
                   f"({LFADS_TORCH_MS:.0f} ms/step, fp32, measured on a 2-core CPU, 2 threads)")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m src.bench speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["mc_maze", "quickstart"],
@@ -163,11 +163,15 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default: %(default)s)")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                    help="matrix-product precisions to time (default: %(default)s)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if min(a.threads) < 1:
         p.error(f"--threads {' '.join(map(str, a.threads))}: each count must be at least 1")
     device = torch.device(a.device)
-
     print(FLOP_FORMULA)
     rows = []
     for threads in a.threads:
@@ -176,27 +180,31 @@ def main(argv=None) -> int:
         print(f"\n{device.type}, {threads} threads, torch {torch.__version__}: float32 matmul "
               f"peak {peak:.0f} GFLOP/s")
         for name in a.configs:
-            c, batch = CONFIGS[name]
-            gflop = 3 * forward_flops(c, batch) / 1e9
-            print(f"{name}: batch {batch}, {gflop:.1f} GFLOP per training step "
-                  f"({gflop / 3:.2f} forward)")
-            med = {}
-            for prec in a.precision:
-                for path in a.paths:
-                    r = bench_one(c, batch, path, device, a.steps, a.warmup, prec)
-                    m, lo, hi = spread(r["train"])
-                    mi, _, _ = spread(r["infer"])
-                    med[path, prec] = m
-                    share = gflop / (m / 1000) / peak  # of the float32 peak, also for bf16
-                    rows.append((name, threads, path, prec, m, lo, hi, batch / m * 1000, share,
-                                 mi))
-                    print(f"  {path:9s} {prec} train {m:7.1f} ms/step (p10-p90 {lo:.1f}-{hi:.1f}),"
-                          f" {batch / m * 1000:6.0f} trials/s, {gflop / (m / 1000):5.1f} GFLOP/s ="
-                          f" {100 * share:4.1f}% of fp32 peak; inference {mi:.1f} ms/batch")
-            ratios(name, med, device)
+            rows += time_config(name, threads, a, device, peak)
     print("\n| config | threads | path | precision | train ms/step (p10-p90) | trials/s "
           "| % of fp32 matmul peak | inference ms/batch |\n|---|---|---|---|---|---|---|---|")
     for name, threads, path, prec, m, lo, hi, tps, share, mi in rows:
         print(f"| {name} | {threads} | {path} | {prec} | {m:.1f} ({lo:.1f}-{hi:.1f}) | {tps:.0f} "
               f"| {100 * share:.1f} | {mi:.1f} |")
     return 0
+
+
+def time_config(name: str, threads: int, a, device, peak: float) -> list:
+    """Time every path and precision of one config; print each and their ratios."""
+    c, batch = CONFIGS[name]
+    gflop = 3 * forward_flops(c, batch) / 1e9
+    print(f"{name}: batch {batch}, {gflop:.1f} GFLOP per training step ({gflop / 3:.2f} forward)")
+    med, rows = {}, []
+    for prec in a.precision:
+        for path in a.paths:
+            r = bench_one(c, batch, path, device, a.steps, a.warmup, prec)
+            m, lo, hi = spread(r["train"])
+            mi, _, _ = spread(r["infer"])
+            med[path, prec] = m
+            share = gflop / (m / 1000) / peak  # of the float32 peak, also for bf16
+            rows.append((name, threads, path, prec, m, lo, hi, batch / m * 1000, share, mi))
+            print(f"  {path:9s} {prec} train {m:7.1f} ms/step (p10-p90 {lo:.1f}-{hi:.1f}),"
+                  f" {batch / m * 1000:6.0f} trials/s, {gflop / (m / 1000):5.1f} GFLOP/s ="
+                  f" {100 * share:4.1f}% of fp32 peak; inference {mi:.1f} ms/batch")
+    ratios(name, med, device)
+    return rows

@@ -176,26 +176,32 @@ def load_session(path: str) -> Session:
                                 f"'valid_{k}_data' has {b}")
         if (train.ext is None) != (valid.ext is None):
             raise DataError(f"{path}: external inputs must be given for both splits or neither")
-        test = _counts(f, path, "test_encod_data", required=False)
-        if test is not None and test.shape[1:] != train.encod.shape[1:]:
-            raise DataError(f"{path}: 'test_encod_data' has shape {test.shape}; expected "
-                            f"(trials, {train.encod.shape[1]}, {train.encod.shape[2]})")
-        test_ext = None
-        if test is not None and train.ext is not None:
-            # the generator of a model with external inputs cannot run without them
-            t_rec, e = train.ext.shape[1:]
-            test_ext = _floats(f, path, "test_ext_input", (len(test), t_rec),
-                               f"({len(test)}, {t_rec}, {e}) like 'test_encod_data' and "
-                               "'train_ext_input'")
-            if test_ext is None or test_ext.shape[2] != e:
-                raise DataError(f"{path}: the file has external inputs and 'test_encod_data', "
-                                f"so it needs 'test_ext_input' of shape ({len(test)}, {t_rec}, "
-                                f"{e}) too")
-            test_ext = torch.from_numpy(test_ext)
+        test, test_ext = _test(f, path, train)
         align = {k: _plain(f.attrs[k]) for k in ALIGN_ATTRS if k in f.attrs}
     name = os.path.splitext(os.path.basename(path))[0]
-    test_t = None if test is None else torch.from_numpy(test.astype(np.float32))
-    return Session(path, name, bin_size, train, valid, test_t, test_ext, align)
+    return Session(path, name, bin_size, train, valid, test, test_ext, align)
+
+
+def _test(f, path, train: Split) -> tuple:
+    """The optional test trials: encoder input and, for a model with external inputs, theirs."""
+    test = _counts(f, path, "test_encod_data", required=False)
+    if test is None:
+        return None, None
+    if test.shape[1:] != train.encod.shape[1:]:
+        raise DataError(f"{path}: 'test_encod_data' has shape {test.shape}; expected "
+                        f"(trials, {train.encod.shape[1]}, {train.encod.shape[2]})")
+    test_ext = None
+    if train.ext is not None:  # the generator of such a model cannot run without them
+        t_rec, e = train.ext.shape[1:]
+        test_ext = _floats(f, path, "test_ext_input", (len(test), t_rec),
+                           f"({len(test)}, {t_rec}, {e}) like 'test_encod_data' and "
+                           "'train_ext_input'")
+        if test_ext is None or test_ext.shape[2] != e:
+            raise DataError(f"{path}: the file has external inputs and 'test_encod_data', "
+                            f"so it needs 'test_ext_input' of shape ({len(test)}, {t_rec}, "
+                            f"{e}) too")
+        test_ext = torch.from_numpy(test_ext)
+    return torch.from_numpy(test.astype(np.float32)), test_ext
 
 
 def _plain(v):

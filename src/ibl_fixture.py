@@ -420,7 +420,9 @@ def _write_aggregate(root, sessions_trials):
 
 
 def make_local_cache(cache_dir, n_trials: int = 460, seed: int = 0) -> FixtureInfo:
-    """Write the cache into `cache_dir` (created; must not hold another cache) and describe it."""
+    """Write the cache into `cache_dir` (created; must not hold another cache) and describe it.
+    One long function on purpose: it lays out the sessions and probes of the fixture in order,
+    case by case, as the tests read them."""
     root = Path(cache_dir)
     if (root / "sessions.pqt").exists():
         raise FileExistsError(f"{root} already holds a ONE cache (sessions.pqt)")

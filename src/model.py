@@ -294,7 +294,7 @@ class LFADS(nn.Module):
 
         with dropout on f_{t-1} and g_t, g_0 = W_ic z and f_0 = W_fac g_0. Returns g, f and u's
         posterior means, stds and samples, each (B, T_rec, .); the last three None when co_dim
-        is 0."""
+        is 0. The recurrence stays in one loop, so that it reads as the four lines above."""
         cfg = self.cfg
         B, T, U = ic.shape[0], cfg.t_rec, cfg.co_dim
         g = self.ic_to_g0(ic)  # (B, H_gen), g_0: unclipped, as in the references

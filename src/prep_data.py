@@ -787,48 +787,59 @@ def run(one, cfg: PrepConfig, out_dir, pids=None, max_insertions=0, overwrite=Fa
     for ins in bar:
         pid = ins["pid"]
         bar.set_postfix_str(pid[:8])
-        out_path = out_dir / f"{pid}.h5"
-        old = manifest.get(pid, {})
-        row = {**ins, "settings": h}
+        out_path, old = out_dir / f"{pid}.h5", manifest.get(pid, {})
         if not overwrite and prepared_hash(out_path) == h:
-            kept = old.get("status") == "ok" and old.get("n_units")  # the row as it was
-            numbers = ({k: old[k] for k in ("n_units", "n_trials")} if kept else
-                       prepared_numbers(out_path))
-            now = time.strftime("%Y-%m-%dT%H:%M:%S")
-            done[pid] = {**row, **numbers, "status": "ok", "reason": "prepared",
-                         "bytes_downloaded": old.get("bytes_downloaded", "") if kept else "",
-                         "updated": old.get("updated", "") if kept else now}
-            if any(str(done[pid].get(k, "")) != old.get(k, "") for k in MANIFEST_FIELDS):
-                # a row lost (a kill between the file and its row) or edited comes back
-                update_manifest(manifest_path, {pid: done[pid]})
+            done[pid] = already_prepared(ins, old, out_path, h, manifest_path)
             continue
         if not overwrite and old.get("status") == "skipped" and old.get("settings") == h:
             done[pid] = old
             continue
-        session = _session_path(one, ins["eid"])
-        before = folder_bytes(session)
-        try:
-            row.update(prepare(one, ins, cfg, allowed, out_path, table), status="ok",
-                       reason="prepared")
-        except Skip as e:
-            row.update(status="skipped", reason=str(e))
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # network, missing dataset, bad table: log it and go on
-            row.update(status="failed", reason=f"{type(e).__name__}: {e}".replace("\n", " "))
-        row["bytes_downloaded"] = folder_bytes(session) - before
-        row["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        save_cache(one)
-        if row["status"] != "ok" and out_path.exists() and prepared_hash(out_path) != h:
-            out_path.unlink()  # a file from other settings would pass for this preparation
-        done[pid] = row
-        update_manifest(manifest_path, {pid: row})
-        if row["status"] != "ok":
-            tqdm.write(f"{pid}: {row['status']}: {row['reason']}")
+        done[pid] = prepare_one(one, ins, cfg, allowed, out_path, table, h)
+        update_manifest(manifest_path, {pid: done[pid]})
+        if done[pid]["status"] != "ok":
+            tqdm.write(f"{pid}: {done[pid]['status']}: {done[pid]['reason']}")
     counts = {s: sum(r["status"] == s for r in done.values()) for s in ("ok", "skipped", "failed")}
     tqdm.write(f"{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; "
                f"see {manifest_path}")
     return done
+
+
+def already_prepared(ins: dict, old: dict, out_path: Path, h: str, manifest_path: Path) -> dict:
+    """The manifest row of a file prepared earlier with these settings; a row lost (a kill
+    between the file and its row) or edited comes back."""
+    kept = old.get("status") == "ok" and old.get("n_units")  # the row as it was
+    numbers = ({k: old[k] for k in ("n_units", "n_trials")} if kept else
+               prepared_numbers(out_path))
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    row = {**ins, "settings": h, **numbers, "status": "ok", "reason": "prepared",
+           "bytes_downloaded": old.get("bytes_downloaded", "") if kept else "",
+           "updated": old.get("updated", "") if kept else now}
+    if any(str(row.get(k, "")) != old.get(k, "") for k in MANIFEST_FIELDS):
+        update_manifest(manifest_path, {ins["pid"]: row})
+    return row
+
+
+def prepare_one(one, ins: dict, cfg, allowed, out_path: Path, table, h: str) -> dict:
+    """Prepare one insertion; its manifest row: ok, skipped (a property of the data) or failed
+    (network, a missing dataset: tried again on the next run)."""
+    row = {**ins, "settings": h}
+    session = _session_path(one, ins["eid"])
+    before = folder_bytes(session)
+    try:
+        row.update(prepare(one, ins, cfg, allowed, out_path, table), status="ok",
+                   reason="prepared")
+    except Skip as e:
+        row.update(status="skipped", reason=str(e))
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # network, missing dataset, bad table: log it and go on
+        row.update(status="failed", reason=f"{type(e).__name__}: {e}".replace("\n", " "))
+    row["bytes_downloaded"] = folder_bytes(session) - before
+    row["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    save_cache(one)
+    if row["status"] != "ok" and out_path.exists() and prepared_hash(out_path) != h:
+        out_path.unlink()  # a file from other settings would pass for this preparation
+    return row
 
 
 def _session_path(one, eid):
@@ -839,6 +850,7 @@ def _session_path(one, eid):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags, one add_argument each (a long function, but a flat list of flags)."""
     d = PrepConfig()
     p = argparse.ArgumentParser(prog="python -m src.prep_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -45,7 +45,8 @@ def run_gru(gru: torch.nn.GRU, x, reverse: bool):
 
 
 def reference_forward(m: LFADS, encod, recon=None, ext=None, sample: bool = True) -> Output:
-    """What LFADS.forward computes (with m's weights), stepped one bin at a time."""
+    """What LFADS.forward computes (with m's weights), stepped one bin at a time. One piece on
+    purpose: the whole forward pass, read top to bottom without a jump."""
     cfg = m.cfg
     x = encod.float()
     cd_keep = None
