@@ -53,7 +53,7 @@ def test_panel_files_are_sessions_of_the_stated_sizes(panel_files):
         # the spikes follow the truth: mean count per bin within 2% of the expected one
         counts = np.concatenate([s.train.recon.numpy(), s.valid.recon.numpy()])
         assert counts.mean() == pytest.approx(rate * s.bin_size, rel=0.02), name
-    # the panel spans what the issue asks for
+    # the panel spans what users bring: neurons 20-300, bins 5-20 ms, rates 1-30 Hz, ...
     col = lambda k: [v[k] for v in stats.values()]  # noqa: E731
     assert len(stats) >= 8
     assert min(col("neurons")) <= 20 and max(col("neurons")) >= 300
@@ -67,16 +67,17 @@ def test_panel_files_are_sessions_of_the_stated_sizes(panel_files):
     gens = {type(c).__name__ for c in bench_panel.PANEL.values()}
     assert gens == {"LorenzConfig", "ChaoticRNNConfig"}
     assert any(getattr(c, "input_magnitude", 0) > 0 for c in bench_panel.PANEL.values())
-    # the insertion-like and the issue-like datasets
+    # the insertion-like and the shallow-modulation datasets
     ibl = stats["ibl_like"]
     assert ibl["ms"] == 10 and 100 <= ibl["neurons"] <= 300 and 200 <= ibl["trials"] < 1000
     with h5py.File(panel_files["ibl_like"], "r") as f:
         per_neuron = np.concatenate([f["train_truth"][()], f["valid_truth"][()]]).mean((0, 1))
     assert per_neuron.min() < 2 and per_neuron.max() > 15  # mixed rates, about 1-20 Hz
-    issue = stats["lorenz_issue"]
-    assert (issue["neurons"], issue["bins"], issue["ms"], issue["trials"]) == (48, 60, 15, 1000)
-    assert bench_panel.PANEL["lorenz_issue"].n_heldout == 12
-    assert 8 <= issue["rate"] <= 12 and bench_panel.PANEL["lorenz_issue"].readout_seed >= 0
+    shallow = stats["lorenz_shallow"]
+    sizes = (shallow["neurons"], shallow["bins"], shallow["ms"], shallow["trials"])
+    assert sizes == (48, 60, 15, 1000)
+    assert bench_panel.PANEL["lorenz_shallow"].n_heldout == 12
+    assert 8 <= shallow["rate"] <= 12 and bench_panel.PANEL["lorenz_shallow"].readout_seed >= 0
     # the control is the quick start's own file
     with h5py.File(panel_files["lorenz_eg"], "r") as a, \
             h5py.File(os.path.join(ROOT, "eg_data", "lorenz.h5"), "r") as b:
