@@ -16,7 +16,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 
 from src.metrics import r2, region_bps
 from src.model import ar1_logprob
-from tests.test_model import counts, small_model
+from tests.test_model import counts, small_model, with_leaf_log_rates
 
 # -----------------------------------------------------------------------------
 # the references, retyped
@@ -107,10 +107,7 @@ def test_the_model_prior_at_its_defaults_equals_lfads_torch():
 
 def test_coordinated_dropout_equals_lfads_torch():
     m = small_model(dropout=0.0)
-    enc, rec = counts(4, 10, 6), counts(4, 13, 8, seed=1)
-    out = m(enc, sample=False)
-    log_rates = out.log_rates.detach().requires_grad_(True)
-    out.log_rates = log_rates
+    out, log_rates, rec = with_leaf_log_rates(m, 4)
     keep = torch.rand(4, 10, 6, generator=torch.Generator().manual_seed(3)) >= 0.3
     ours = m.losses(out, rec, cd_keep=keep)["recon"]
     nll = torch.exp(log_rates) - rec * log_rates + torch.lgamma(rec + 1)

@@ -149,12 +149,17 @@ def test_generator_clips_every_step_like_a_clamped_torch_gru():
     assert out.gen_states.abs().max() <= 0.5
 
 
+def with_leaf_log_rates(m, b: int):
+    """A forward pass on b trials whose log rates are a leaf tensor (gradients land there),
+    and counts to reconstruct."""
+    out = m(counts(b, 10, 6), sample=False)
+    out.log_rates = out.log_rates.detach().requires_grad_(True)
+    return out, out.log_rates, counts(b, 13, 8, seed=1)
+
+
 def test_coordinated_dropout_passes_gradient_only_through_hidden_elements():
     m = small_model(dropout=0.0)
-    enc, rec = counts(3, 10, 6), counts(3, 13, 8, seed=1)
-    out = m(enc, sample=False)
-    log_rates = out.log_rates.detach().requires_grad_(True)
-    out.log_rates = log_rates
+    out, log_rates, rec = with_leaf_log_rates(m, 3)
     keep = torch.rand(3, 10, 6, generator=torch.Generator().manual_seed(0)) < 0.5
     masked = m.losses(out, rec, cd_keep=keep)
     plain = m.losses(out, rec)
