@@ -19,7 +19,6 @@ rates that bench/lfads_torch/run.py wrote into DIR/<dataset>.h5 (docs/panel.md).
 import argparse
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -33,7 +32,7 @@ from src.bench_quality import TINY_FLAGS
 from src.data import load_session
 from src.metrics import rate_metrics
 from src.synth import ChaoticRNNConfig, LorenzConfig, make_chaotic_rnn, make_lorenz, write_session
-from src.utils import atomic_write_text
+from src.utils import atomic_write_text, valid_counts_sha1
 
 # The panel: sizes, rates and latent systems that span what users bring (docs/panel.md says
 # which recordings each one stands for). Trials = n_conditions x trials_per_condition, a fifth
@@ -112,13 +111,6 @@ def generate(name: str, out_dir: str, is_tiny: bool = False) -> str:
     data, attrs = MAKERS[type(cfg)](cfg)
     write_session(path, data, {**attrs, "panel_config": spec})
     return path
-
-
-def valid_counts_sha1(path: str) -> str:
-    """A fingerprint of a file's validation counts: rates scored against a file must come from
-    a model run on that same file (bench/lfads_torch/run.py stores it too)."""
-    with h5py.File(path, "r") as f:
-        return hashlib.sha1(np.ascontiguousarray(f["valid_recon_data"][()]).tobytes()).hexdigest()
 
 
 # -----------------------------------------------------------------------------

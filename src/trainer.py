@@ -183,9 +183,10 @@ class Trainer:
         full = self.step >= self.ramps_end() and not final  # counts for schedule and selection
         if full:  # TF LFADS: decay when the training cost stalls
             self.sched.step(row.get("train_total", math.inf))
-        improved = full and valid[selection_key(self.mcfg)] < self.best
+        score = valid[selection_key(self.mcfg)]
+        improved = full and score < self.best
         if improved:
-            self.best, self.bad_evals = valid[selection_key(self.mcfg)], 0
+            self.best, self.bad_evals = score, 0
         elif full:
             self.bad_evals += 1
         self.write_metrics()
@@ -193,7 +194,7 @@ class Trainer:
             self.save("ckpt_last.pt")
         if improved:
             self.save("ckpt_best.pt")
-        return self.tcfg.patience > 0 and self.bad_evals >= self.tcfg.patience
+        return self.patience_spent()
 
     # --- helpers of the loop ---------------------------------------------------------------
 
@@ -226,18 +227,22 @@ class Trainer:
     def stopped_before(self) -> Stop | None:
         """A run resumed after it stopped early or ran out of time stays stopped, unless a
         larger --patience or --max_minutes is given."""
-        tc = self.tcfg
-        if tc.patience > 0 and self.bad_evals >= tc.patience:
+        if self.patience_spent():
             return Stop.EARLY
-        if tc.max_minutes > 0 and self.elapsed > 60 * tc.max_minutes:
-            return Stop.TIME
-        return None
+        return Stop.TIME if self.out_of_time() else None
+
+    def patience_spent(self) -> bool:
+        tc = self.tcfg
+        return tc.patience > 0 and self.bad_evals >= tc.patience
+
+    def out_of_time(self) -> bool:
+        tc = self.tcfg
+        return tc.max_minutes > 0 and self.elapsed > 60 * tc.max_minutes
 
     def stop_reason(self, early: bool, signum: int) -> Stop | None:
         """Whether to stop after this step; every rank decides alike."""
         tc = self.tcfg
-        signum, out_of_time = self.ranks.agree(
-            signum, tc.max_minutes > 0 and self.elapsed > 60 * tc.max_minutes)
+        signum, out_of_time = self.ranks.agree(signum, self.out_of_time())
         self.signum = int(signum)
         if early:
             return Stop.EARLY

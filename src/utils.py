@@ -2,12 +2,14 @@
 
 import contextlib
 import glob
+import hashlib
 import os
 import random
 import signal
 import tempfile
 import threading
 
+import h5py
 import numpy as np
 import torch
 
@@ -111,3 +113,10 @@ def pick_device(name: str) -> torch.device:
     if has_mps():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def valid_counts_sha1(path: str) -> str:
+    """A fingerprint of a session file's validation counts: rates scored against a file must
+    come from a model run on that same file (the panel and bench/lfads_torch/run.py check it)."""
+    with h5py.File(path, "r") as f:
+        return hashlib.sha1(np.ascontiguousarray(f["valid_recon_data"][()]).tobytes()).hexdigest()

@@ -19,7 +19,6 @@ Writes <out>/<data file name>.h5 with `valid_rates` (trials, T_rec, N) and attri
 
 import argparse
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from src.utils import atomic_path  # noqa: E402
+from src.utils import atomic_path, valid_counts_sha1  # noqa: E402
 
 BASE_CONFIG = "configs/model/nlb_mc_maze_small.yaml"  # inside the lfads-torch checkout
 # The architecture of lfads-torch's MC_Maze-small config, whose regularisation is left to a
@@ -61,12 +60,6 @@ def data_sizes(path: str) -> dict:
         ext = f["train_ext_input"].shape[2] if "train_ext_input" in f else 0
     return {"encod_data_dim": n_in, "encod_seq_len": t_enc, "recon_seq_len": t_rec,
             "ext_input_dim": ext, "n_out": n_out}
-
-
-def valid_counts_sha1(path: str) -> str:
-    """As src/bench_panel.py's: which data the rates belong to."""
-    with h5py.File(path, "r") as f:
-        return hashlib.sha1(np.ascontiguousarray(f["valid_recon_data"][()]).tobytes()).hexdigest()
 
 
 def write_rates(path: str, rates: np.ndarray, attrs: dict) -> None:
