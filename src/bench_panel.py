@@ -47,11 +47,11 @@ PANEL = {
     "lorenz_small": LorenzConfig(n_neurons=20, n_heldout=5, n_bins=30, n_fp_bins=0,
                                  n_conditions=19, trials_per_condition=10, base_rate=6.0),
     # shallow modulation, where a fixed step count stops short of the plateau: 48 neurons, 12
-    # held out, 60 bins of 15 ms, 1000 training trials, about 10 Hz; gain 0.6 puts the co-bps
-    # ceiling at 0.24
+    # held out, 60 bins of 15 ms, 1000 training trials each with its own trajectory, about
+    # 10 Hz; gain 0.4 puts the co-bps ceiling near 0.11
     "lorenz_shallow": LorenzConfig(n_neurons=48, n_heldout=12, n_bins=60, n_fp_bins=0,
-                                 bin_size=0.015, n_conditions=50, trials_per_condition=25,
-                                 base_rate=9.0, gain=0.6, readout_seed=18),
+                                   bin_size=0.015, n_conditions=1250, trials_per_condition=1,
+                                   base_rate=9.0, gain=0.4, readout_seed=18),
     # fine bins: 5 ms, 100 per trial (0.5 s), 80 neurons, mostly 0 or 1 spike per bin
     "lorenz_5ms": LorenzConfig(n_neurons=80, n_heldout=20, n_bins=100, n_fp_bins=0,
                                bin_size=0.005, bin_time=0.012, n_conditions=75,
@@ -239,6 +239,8 @@ def train(name: str, data_path: str, args) -> float | None:
     print(f"== {name}: python -m src.main {' '.join(argv)}", flush=True)
     t0 = time.time()
     code = lfads_main.main(argv)
+    if code > 128:  # Ctrl-C or SIGTERM stopped the run (128 + the signal): stop the panel too
+        raise SystemExit(code)
     return (time.time() - t0) / 60 if code == 0 else None
 
 

@@ -62,22 +62,23 @@ DATASETS = {
     # Lorenz data, as the inputs correct the generator's small errors (docs/validation.md)
     "lorenz": Dataset(
         lambda: make_lorenz(LorenzConfig(trials_per_condition=50)),
-        ["--gen_dim", "200", "--fac_dim", "100", "--max_steps", "4000", "--kl_steps", "600",
-         "--l2_steps", "600", "--lr_patience", "3"]),
+        ["--gen_dim", "200", "--fac_dim", "100", "--max_steps", "4000", "--kl_epochs", "30",
+         "--l2_epochs", "30", "--lr_patience", "3"]),
     # autonomous, so no controller; 50 factors, as the true rates span all 50 units; the KL
-    # waits 500 steps (else the IC posterior collapses onto the prior), and a light IC KL and
-    # no generator L2 leave room for a chaotic 50-dimensional state (docs/validation.md)
+    # waits 20 epochs, 500 steps (else the IC posterior collapses onto the prior), and a light
+    # IC KL and no generator L2 leave room for a chaotic 50-dimensional state
+    # (docs/validation.md)
     "chaotic_rnn": Dataset(
         lambda: make_chaotic_rnn(ChaoticRNNConfig()),
         ["--co_dim", "0", "--gen_dim", "100", "--fac_dim", "50", "--max_steps", "8000",
-         "--kl_start", "500", "--kl_steps", "1000", "--kl_ic_scale", "0.03",
+         "--kl_start", "20", "--kl_epochs", "40", "--kl_ic_scale", "0.03",
          "--l2_gen_scale", "0", "--lr_patience", "1"]),
     # one input pulse per trial, which only the controller can explain; controller and its
     # encoder at 32 units, as the 100-step controller loop doubles the cost of a step
     "chaotic_rnn_pulses": Dataset(
         lambda: make_chaotic_rnn(ChaoticRNNConfig(input_magnitude=20.0)),
         ["--co_dim", "1", "--gen_dim", "100", "--fac_dim", "20", "--con_dim", "32",
-         "--ci_enc_dim", "32", "--max_steps", "1800", "--kl_start", "500", "--kl_steps", "1000",
+         "--ci_enc_dim", "32", "--max_steps", "1800", "--kl_start", "20", "--kl_epochs", "40",
          "--kl_ic_scale", "0.1"]),
 }
 
@@ -95,7 +96,7 @@ TINY = {
 }
 TINY_FLAGS = ["--ic_enc_dim", "8", "--ci_enc_dim", "8", "--con_dim", "8", "--ic_dim", "4",
               "--gen_dim", "16", "--fac_dim", "4", "--batch_size", "8", "--max_steps", "6",
-              "--eval_every", "3", "--kl_steps", "3", "--l2_steps", "3", "--threads", "1",
+              "--eval_every", "3", "--kl_epochs", "1", "--l2_epochs", "1", "--threads", "1",
               "--no-plots"]
 
 

@@ -40,7 +40,8 @@ def state(tr) -> dict:
     """Everything a Trainer needs to go on; collective: every rank's random state is in it."""
     return {"model": tr.model.state_dict(), "optimizer": tr.opt.state_dict(),
             "scheduler": tr.sched.state_dict(), "step": tr.step, "elapsed": tr.elapsed,
-            "best": tr.best, "bad_evals": tr.bad_evals, "rows": tr.rows,
+            "best": tr.best, "bad_evals": tr.bad_evals,
+            "smoothed": tr.smoothed, "mark": tr.mark, "rows": tr.rows,
             "acc": tr.ranks.mean(tr.acc), "bad_in_a_row": tr.bad_in_a_row,
             "model_config": asdict(tr.mcfg), "train_config": asdict(tr.tcfg),
             "session": [s.path for s in tr.sessions],
@@ -55,6 +56,7 @@ def restore(tr, ckpt: dict) -> None:
     apply_changed_settings(tr.opt, tr.sched, tr.tcfg, ckpt["train_config"])
     tr.step, tr.elapsed = ckpt["step"], ckpt["elapsed"]
     tr.best, tr.bad_evals, tr.rows = ckpt["best"], ckpt["bad_evals"], ckpt["rows"]
+    tr.smoothed, tr.mark = ckpt.get("smoothed"), ckpt.get("mark", tr.best)
     tr.acc, tr.bad_in_a_row = dict(ckpt.get("acc", {})), ckpt.get("bad_in_a_row", 0)
     tr.last_saved = tr.step
     rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
@@ -75,6 +77,7 @@ def apply_changed_settings(opt, sched, tc, saved: dict) -> None:
             if saved.get(name) != getattr(tc, name):
                 group[key] = getattr(tc, name)
     sched.factor, sched.patience = tc.lr_decay, tc.lr_patience
+    sched.threshold = tc.plateau_tol
     sched.min_lrs = [tc.lr_min] * len(opt.param_groups)
 
 

@@ -25,7 +25,7 @@ FLOAT_RULES = {
     "dropout": "share", "cd_rate": "share", "sv_rate": "share",  # a share of 1 leaves nothing
     "ic_prior_var": "positive", "co_prior_tau": "positive", "co_prior_nvar": "positive",
     "cell_clip": "positive", "lr": "positive", "adam_eps": "positive", "grad_clip": "positive",
-    "lr_decay": "factor",
+    "lr_decay": "factor", "smoothing": "share",
 }
 RULES = {"share": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
          "positive": (lambda v: v > 0, "must be above 0"),

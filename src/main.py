@@ -129,7 +129,9 @@ def build(sessions, mcfg, tcfg, run_dir, ckpt, rank: int, n_proc: int, say) -> T
 def announce(stop: Stop, trainer: Trainer, resume: str, say) -> None:
     """What the run says about why it stopped (Stop's table)."""
     if stop.message:
-        say(stop.message.format(step=trainer.step, resume=resume, bad=trainer.tcfg.max_bad_steps,
+        tc = trainer.tcfg
+        say(stop.message.format(step=trainer.step, resume=resume, bad=tc.max_bad_steps,
+                                tol=tc.plateau_tol, patience=tc.patience,
                                 last=last_checkpoint(trainer),
                                 lr=trainer.opt.param_groups[0]["lr"]),
             file=sys.stderr if stop.code != 0 else sys.stdout)

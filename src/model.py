@@ -50,11 +50,11 @@ class LFADSConfig:
     co_dim: int = 4  # U, inferred input dimensions; 0 = autonomous generator, no controller [4]
     ic_dim: int = 64  # initial-condition latent dimensions [64]
     gen_dim: int = 100  # generator GRU units [200]; 100 trains the quick start in minutes
-    fac_dim: int = 40  # F, factors [100]
+    fac_dim: int = 40  # F, factors, at most the fewest neurons of a session unless given [100]
     ci_lag: int = 1  # bins: the controller sees the data at t only through t-lag and t+lag [1]
     # regularisation
-    dropout: float = 0.1  # probability, on encoder input, IC encoding, controller input and
-    #                       the generator state read by the factors [0.3 for a large dataset]
+    dropout: float = 0.3  # probability, on encoder input, IC encoding, controller input and
+    #                       the generator state read by the factors [0.3]
     cd_rate: float = 0.3  # coordinated dropout: share of input elements hidden per step [0.3]
     sv_rate: float = 0.0  # sample validation: share of input elements held out of training by
     #                       a fixed mask (src/trainer.py), their cost logged as recon_sv to see
@@ -71,11 +71,16 @@ class LFADSConfig:
     # loss weights; the reconstruction is in nats per trial (summed over bins and neurons).
     # With cd_rate 0, KL scales of 1 make the loss the negative ELBO (TF LFADS). Coordinated
     # dropout lets only the hidden cd_rate share of held-in elements carry reconstruction
-    # gradient, so there the KL weighs about 1 / cd_rate times its ELBO weight
-    kl_ic_scale: float = 1.0  # weight of the IC KL, on nats per trial [TF LFADS: 1]
-    kl_co_scale: float = 1.0  # weight of the inferred-input KL, on nats per trial [TF: 1]
-    l2_gen_scale: float = 2000.0  # L2 weight of the generator's recurrent matrix: scale x 0.5
-    #                               x sum of squares / entries of the penalised matrices [TF: 2000]
+    # gradient, so there the KL weighs about 1 / cd_rate times its ELBO weight. The defaults
+    # weigh it far lighter, as lfads-torch's NLB configurations do (1e-7 on its per-element
+    # mean, about 3e-4 of the ELBO's weight): the full weight trains slowly and underfits on
+    # shallow modulation (docs/panel.md); dropout, coordinated dropout and the plateau stop
+    # keep the light KL from over-fitting
+    kl_ic_scale: float = 0.01  # weight of the IC KL, on nats per trial [TF LFADS: 1]
+    kl_co_scale: float = 0.01  # weight of the inferred-input KL, on nats per trial [TF: 1]
+    l2_gen_scale: float = 0.0  # L2 weight of the generator's recurrent matrix: scale x 0.5
+    #                            x sum of squares / entries of the penalised matrices [TF: 2000,
+    #                            lfads-torch NLB: 0]
     l2_con_scale: float = 0.0  # the same for the controller's recurrent matrix [TF: 0]
 
 
@@ -393,7 +398,7 @@ class LFADS(nn.Module):
         nll = torch.exp(out.log_rates) - k * out.log_rates + log_factorial(k)  # (B, T_rec, N)
         n_in = cfg.session_n_in[session] if self.stitched else cfg.n_in
         t_enc = cfg.t_enc
-        # held-in neurons over encoder bins: what model selection and early stopping follow
+        # held-in neurons over encoder bins: what model selection and the plateau stop follow
         # (src/trainer.py), as it holds neither the held-out neurons nor the forward-prediction
         # bins that co-bps and fp-bps score
         terms = {"recon_heldin": nll[:, :t_enc, :n_in].sum((1, 2)).mean().detach()}

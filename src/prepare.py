@@ -46,6 +46,17 @@ def load_sessions(files: list[str]) -> tuple[list, dict]:
     return sessions, stitched_sizes(sessions)
 
 
+def data_sized(given: dict, sizes: dict) -> dict:
+    """Network sizes that follow the data unless given as flags: no more factors than the
+    fewest neurons of a session (more would only add directions the read-out cannot tell
+    apart; lfads-torch's configurations keep factors below the neuron count too)."""
+    neurons = min(sizes.get("session_n_out") or [sizes["n_out"]])
+    default = LFADSConfig.fac_dim
+    if "fac_dim" not in given and default > neurons:
+        return {**given, "fac_dim": neurons}
+    return given
+
+
 def writable(run_dir: str) -> None:
     try:
         check_writable(run_dir)
@@ -59,7 +70,7 @@ def new_run(args, lead: bool = True, n_proc: int = 1):
     the run folder."""
     files = find_session_files(args.data, args.ins, args.data_dir)
     sessions, sizes = load_sessions(files)
-    mcfg = LFADSConfig(**{**overrides(args, LFADSConfig), **sizes})
+    mcfg = LFADSConfig(**{**data_sized(overrides(args, LFADSConfig), sizes), **sizes})
     if mcfg.session_n_in and mcfg.readin_dim < 1:
         raise DataError(f"--readin_dim {mcfg.readin_dim}: several sessions need a shared "
                         "encoder input of at least 1 dimension")

@@ -166,6 +166,9 @@ class ChaoticRNNConfig:
     base_rate: float = 5.0  # with n_units: Hz at a neuron's mean log rate (max_rate unused)
     readout_gain: float = 1.0  # with n_units: std of each neuron's log rate, as LorenzConfig.gain
     rate_spread: float = 0.0  # with n_units: std of ln(base rate) across neurons, as Lorenz's
+    readout_clip: float = 2.5  # with n_units: soft bound c on the standardised mix, c tanh(x / c)
+    #                            (standardised again), so that log rates stay within about
+    #                            readout_gain x c of their mean [not in the recipe]
 
 
 def n_rnn_units(cfg: ChaoticRNNConfig) -> int:
@@ -219,9 +222,14 @@ def readout_rates(units: np.ndarray, cfg: ChaoticRNNConfig, rng: np.random.Gener
 
     units: (trials, T, U) tanh values -> rates (trials, T, N). Each neuron's mix is
     standardised over all trials and bins, so that its log rate has mean ln(base) and std
-    readout_gain whatever the mix: no neuron is left untuned by chance."""
+    readout_gain whatever the mix: no neuron is left untuned by chance. The mix's tails
+    are bounded softly: saturated units can push a standardised mix 8 standard deviations out,
+    which exp would turn into thousands of spikes per second."""
     mix = rng.normal(size=(units.shape[2], cfg.n_neurons))  # (U, N)
     proj = units @ mix  # (trials, T, N)
+    proj = (proj - proj.mean((0, 1))) / proj.std((0, 1))
+    c = cfg.readout_clip
+    proj = c * np.tanh(proj / c)  # then standardised again: the std stays readout_gain
     proj = (proj - proj.mean((0, 1))) / proj.std((0, 1))
     base = cfg.base_rate * neuron_base_factors(cfg.rate_spread, cfg.n_neurons, rng)  # (N,)
     return base * np.exp(cfg.readout_gain * proj), mix

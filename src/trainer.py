@@ -1,4 +1,4 @@
-"""The training loop: ramps, AdamW, clipping, evaluation, checkpoints, early stopping.
+"""The training loop: ramps, AdamW, clipping, evaluation, checkpoints, the stop at the plateau.
 
 `Trainer.fit` is the loop. What keeps a long run safe sits around it in small helpers:
 src/checkpoint.py saves and restores everything (exact resume), src/ranks.py holds the
@@ -34,21 +34,29 @@ class TrainConfig:
     adam_eps: float = 1e-8  # Adam epsilon (TF LFADS used 0.1 with its summed loss)
     weight_decay: float = 0.0  # AdamW decoupled weight decay, per step
     grad_clip: float = 200.0  # max global gradient norm (TF LFADS and lfads-torch: 200)
-    lr_decay: float = 0.95  # factor on the learning rate when the training loss stalls (TF)
-    lr_patience: int = 6  # evaluations without a lower training loss before a decay (TF: 6)
+    lr_decay: float = 0.5  # factor on the learning rate when the smoothed selection loss
+    #                        stalls for --lr_patience evaluations (after the ramps)
+    lr_patience: int = 3  # evaluations without progress (see --plateau_tol) before a decay
     lr_min: float = 1e-5  # the learning rate never decays below this
-    max_steps: int = 1200  # optimiser steps
-    max_minutes: float = 0.0  # stop early after this wall time; 0 = no limit
+    max_steps: int = 20000  # ceiling on optimiser steps; training normally stops earlier, at
+    #                         the plateau (--patience)
+    max_minutes: float = 0.0  # ceiling on training wall time in minutes; 0 = none
     max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss or
     #                         gradient; each is skipped, so the weights stay finite; 0 = never
     eval_every: int = 100  # steps between validation, metrics rows and checkpoints
-    kl_start: int = 0  # steps before the KL weight starts to grow
-    kl_steps: int = 400  # steps over which the KL weight grows linearly from 0 to 1
-    l2_start: int = 0  # steps before the L2 weight starts to grow
-    l2_steps: int = 400  # steps over which the L2 weight grows linearly from 0 to 1
-    patience: int = 0  # stop after this many evaluations past the ramps without a better
-    #                    selection loss (held-in validation reconstruction, or the sample-
-    #                    validation cost with --sv_rate); 0 = never stop early
+    # the ramps count epochs (passes over the training trials; lfads-torch: 80), so that a small
+    # dataset, which over-fits within a few hundred steps, is selected from early on
+    kl_start: float = 0.0  # epochs before the KL weight starts to grow
+    kl_epochs: float = 50.0  # epochs over which the KL weight grows linearly from 0 to 1
+    l2_start: float = 0.0  # epochs before the L2 weight starts to grow
+    l2_epochs: float = 50.0  # epochs over which the L2 weight grows linearly from 0 to 1
+    patience: int = 8  # stop at the plateau: after this many evaluations past the ramps
+    #                    without progress of the smoothed selection loss (held-in validation
+    #                    reconstruction, or the sample-validation cost with --sv_rate); 0 = never
+    plateau_tol: float = 1e-3  # progress: the smoothed selection loss falls below its best
+    #                            since the last progress by this share of it
+    smoothing: float = 0.3  # weight of the past in the exponential smoothing of the selection
+    #                         loss, one value per evaluation (lfads-torch's valid/recon_smth: 0.3)
     n_samples: int = 50  # posterior samples averaged for lfads_output.h5; 0 = posterior means
     seed: int = 0  # seeds weights, batch order, dropout and sampling
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -57,19 +65,22 @@ class TrainConfig:
     #                          with AVX512-BF16 or AMX and for GPUs (docs/performance.md)
 
 
-def ramp(step: int, start: int, length: int) -> float:
-    """0 until `start`, then linear to 1 over `length` steps (the KL and L2 warm-ups)."""
+def ramp(epoch: float, start: float, length: float) -> float:
+    """0 until `start`, then linear to 1 over `length` epochs (the KL and L2 warm-ups)."""
     if length <= 0:
-        return float(step >= start)
-    return min(max((step - start) / length, 0.0), 1.0)
+        return float(epoch >= start)
+    return min(max((epoch - start) / length, 0.0), 1.0)
 
 
 class Stop(Enum):
     """Why training stopped: the exit code of `python -m src.main` (None: 128 + the signal,
     the shell's convention) and what the run prints, filled in by src/main.py."""
-    DONE = ("done", 0, "")
-    EARLY = ("early stopping", 0, "stopping at step {step}: early stopping")
-    TIME = ("time limit", 0, "stopping at step {step}: time limit")
+    PLATEAU = ("plateau", 0, "stopping at step {step}: the plateau (the smoothed selection "
+               "loss made no progress of {tol:g} of it in {patience} evaluations)")
+    MAX_STEPS = ("max_steps", 0, "stopping at step {step}: the --max_steps ceiling, before the "
+                 "plateau; continue with: {resume} --max_steps <more>")
+    TIME = ("max_minutes", 0, "stopping at step {step}: the --max_minutes ceiling, before the "
+            "plateau; continue with: {resume} --max_minutes <more>")
     INTERRUPTED = ("interrupted", None, "interrupted at step {step}; continue with: {resume}")
     DIVERGED = ("diverged", 1, "error: stopped at step {step}: {bad} steps in a row had a "
                 "non-finite loss or gradient. They were skipped, so the weights stay finite; "
@@ -108,9 +119,12 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tcfg.lr, eps=tcfg.adam_eps,
                                      weight_decay=tcfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.opt, factor=tcfg.lr_decay, patience=tcfg.lr_patience, min_lr=tcfg.lr_min)
+            self.opt, factor=tcfg.lr_decay, patience=tcfg.lr_patience, min_lr=tcfg.lr_min,
+            threshold=tcfg.plateau_tol, threshold_mode="rel")
         self.step, self.elapsed, self.rows = 0, 0.0, []
-        self.best, self.bad_evals = math.inf, 0  # best selection loss; evaluations since
+        # the smoothed selection loss: its last value, its lowest (ckpt_best.pt), its value at
+        # the last progress, and evaluations since that progress
+        self.smoothed, self.best, self.mark, self.bad_evals = None, math.inf, math.inf, 0
         # sums of the loss terms since the last evaluation; in the checkpoint, so that a run
         # stopped between evaluations resumes with the same metrics rows
         self.acc = {}
@@ -120,7 +134,7 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------
 
     def fit(self) -> Stop:
-        """Train to max_steps or an earlier stop; evaluate and checkpoint every eval_every."""
+        """Train to the plateau or a ceiling; evaluate and checkpoint every eval_every steps."""
         tc = self.tcfg
         n_train = [len(s.train) for s in self.sessions]
         t0, stop = time.time() - self.elapsed, self.stopped_before()
@@ -143,7 +157,7 @@ class Trainer:
             self.close_period(stop)
         bar.close()
         self.signum = caught["signum"] or self.signum
-        return stop or Stop.DONE
+        return stop or Stop.MAX_STEPS
 
     def train_step(self, idx, kl_w: float, l2_w: float, session: int = 0) -> dict | None:
         """One optimiser step on the trials `idx` of a session: the loss terms, or None when the
@@ -181,14 +195,13 @@ class Trainer:
         row.update({f"valid_{k}": v for k, v in valid.items()})
         self.rows.append(row)
         full = self.step >= self.ramps_end() and not final  # counts for schedule and selection
-        if full:  # TF LFADS: decay when the training cost stalls
-            self.sched.step(row.get("train_total", math.inf))
-        score = valid[selection_key(self.mcfg)]
-        improved = full and score < self.best
-        if improved:
-            self.best, self.bad_evals = score, 0
-        elif full:
-            self.bad_evals += 1
+        if not final:
+            row["valid_selection_smth"] = self.smooth(valid[selection_key(self.mcfg)])
+        improved = full and self.smoothed < self.best
+        if full:
+            self.sched.step(self.smoothed)  # decays the lr after lr_patience without progress
+            self.best = min(self.best, self.smoothed)
+            self.count_progress()
         self.write_metrics()
         if not final:
             self.save("ckpt_last.pt")
@@ -198,13 +211,36 @@ class Trainer:
 
     # --- helpers of the loop ---------------------------------------------------------------
 
+    def smooth(self, score: float) -> float:
+        """Exponential smoothing of the selection loss over evaluations: one posterior sample
+        makes it jitter by about a nat per trial from one evaluation to the next."""
+        a = self.tcfg.smoothing
+        self.smoothed = score if self.smoothed is None else a * self.smoothed + (1 - a) * score
+        return self.smoothed
+
+    def count_progress(self) -> None:
+        """Progress: the smoothed loss is below its value at the last progress by plateau_tol
+        of it (a relative tolerance, like the scheduler's); else one more evaluation without."""
+        if self.mark == math.inf or self.smoothed < self.mark - self.tcfg.plateau_tol * abs(
+                self.mark):
+            self.mark, self.bad_evals = self.smoothed, 0
+        else:
+            self.bad_evals += 1
+
+    def steps_per_epoch(self) -> int:
+        """Full batches in one pass over the training trials (of every session); the batch
+        order (src/data.py) starts a new epoch after as many."""
+        return max(sum(len(s.train) for s in self.sessions) // self.tcfg.batch_size, 1)
+
     def ramps(self, step: int) -> tuple:
-        tc = self.tcfg
-        return ramp(step, tc.kl_start, tc.kl_steps), ramp(step, tc.l2_start, tc.l2_steps)
+        tc, epoch = self.tcfg, step / self.steps_per_epoch()
+        return ramp(epoch, tc.kl_start, tc.kl_epochs), ramp(epoch, tc.l2_start, tc.l2_epochs)
 
     def ramps_end(self) -> int:
+        """The first step at which both weights are 1."""
         tc = self.tcfg
-        return max(tc.kl_start + tc.kl_steps, tc.l2_start + tc.l2_steps)
+        end = max(tc.kl_start + tc.kl_epochs, tc.l2_start + tc.l2_epochs)
+        return math.ceil(end * self.steps_per_epoch())
 
     def accumulate(self, terms: dict | None) -> None:
         """Add a step's loss terms to the period's sums; count a skipped step as bad."""
@@ -216,8 +252,7 @@ class Trainer:
     def period_row(self, acc: dict, kl_w: float, l2_w: float) -> dict:
         """The training half of a metrics row: means of the period's loss terms."""
         n, bad = acc.pop("n"), acc.pop("bad", 0)
-        per_epoch = max(sum(len(s.train) for s in self.sessions) // self.tcfg.batch_size, 1)
-        row = {"step": self.step, "epoch": max(self.step - 1, 0) // per_epoch,
+        row = {"step": self.step, "epoch": max(self.step - 1, 0) // self.steps_per_epoch(),
                "elapsed_s": round(self.elapsed, 2), "lr": self.opt.param_groups[0]["lr"],
                "kl_weight": kl_w, "l2_weight": l2_w,
                "bad_steps": bad}  # skipped for a non-finite loss or gradient
@@ -225,10 +260,12 @@ class Trainer:
         return row
 
     def stopped_before(self) -> Stop | None:
-        """A run resumed after it stopped early or ran out of time stays stopped, unless a
-        larger --patience or --max_minutes is given."""
+        """A run resumed after its plateau or a ceiling stays stopped, unless a larger
+        --patience, --max_steps or --max_minutes is given."""
         if self.patience_spent():
-            return Stop.EARLY
+            return Stop.PLATEAU
+        if self.step >= self.tcfg.max_steps:
+            return Stop.MAX_STEPS
         return Stop.TIME if self.out_of_time() else None
 
     def patience_spent(self) -> bool:
@@ -245,7 +282,7 @@ class Trainer:
         signum, out_of_time = self.ranks.agree(signum, self.out_of_time())
         self.signum = int(signum)
         if early:
-            return Stop.EARLY
+            return Stop.PLATEAU
         if tc.max_bad_steps > 0 and self.bad_in_a_row >= tc.max_bad_steps:
             return Stop.DIVERGED
         if signum:
@@ -265,7 +302,7 @@ class Trainer:
 
     def evaluate_valid(self) -> dict:
         """Validation metrics; for several sessions overall and each session's (over_sessions:
-        the best checkpoint and early stopping follow the overall selection loss)."""
+        the best checkpoint and the plateau stop follow the overall selection loss)."""
         each = [evaluate(self.model, s.valid, self.device, self.tcfg.precision, sv, session=i)
                 for i, (s, sv) in enumerate(zip(self.sessions, self.sv_valid))]
         return each[0] if len(each) == 1 else over_sessions(self.sessions, each)

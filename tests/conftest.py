@@ -16,7 +16,7 @@ TINY = LorenzConfig(n_conditions=8, trials_per_condition=6, n_bins=20, n_fp_bins
 # a model small enough to be quick, with every part switched on
 TINY_MODEL = ["--ic_enc_dim", "16", "--ci_enc_dim", "16", "--con_dim", "16", "--co_dim", "2",
               "--ic_dim", "8", "--gen_dim", "32", "--fac_dim", "8", "--batch_size", "16",
-              "--n_samples", "3", "--kl_steps", "10", "--l2_steps", "10", "--threads", "1"]
+              "--n_samples", "3", "--kl_epochs", "5", "--l2_epochs", "5", "--threads", "1"]
 
 
 @pytest.fixture

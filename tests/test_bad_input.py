@@ -172,7 +172,7 @@ def test_overwrite_leaves_nothing_of_the_old_run(tiny_h5, tmp_path):
     run = tmp_path / "results/r"
     argv = ["--data", str(tiny_h5), "--results-dir", str(tmp_path / "results"), "--run", "r",
             "--max_steps", "2", "--eval_every", "2", *TINY_MODEL]
-    assert main([*argv, "--kl_steps", "0", "--l2_steps", "0"]) == 0
+    assert main([*argv, "--kl_epochs", "0", "--l2_epochs", "0"]) == 0
     assert (run / "ckpt_best.pt").is_file() and (run / "inputs.png").is_file()
     (run / "notes.txt").write_text("the user's own file")
     # still ramping, the new run saves no best checkpoint: the old one must not be exported;

@@ -113,6 +113,8 @@ def test_readout_population_and_rate_spread():
     truth = np.concatenate([data["train_truth"], data["valid_truth"]])  # (trials, T, N) Hz
     log_rate = np.log(truth).reshape(-1, 60)
     assert np.allclose(log_rate.std(0), 0.5, rtol=1e-4)  # readout_gain, every neuron
+    # the soft bound: log rates within about readout_gain x readout_clip of their mean
+    assert np.all(np.abs(log_rate - log_rate.mean(0)) < 1.5 * 0.5 * cfg.readout_clip)
     assert np.std(log_rate.mean(0)) == pytest.approx(0.6, rel=0.25)  # rate_spread
     assert np.exp(np.mean(log_rate)) == pytest.approx(4.0, rel=0.3)  # base_rate
     # Lorenz: the spread multiplies each neuron's rates; the latents and read-out stay
@@ -197,3 +199,16 @@ def test_panel_end_to_end_in_a_tiny_configuration(tmp_path, capsys):
                                                          "valid_recon_sha1": "0" * 40})
     with pytest.raises(SystemExit, match="other data"):
         bench_panel.main([*argv, "--rescore", "--reference", str(ref)])
+
+
+def test_ctrl_c_stops_the_whole_panel(tmp_path, monkeypatch):
+    calls = []
+
+    def interrupted(argv):  # src.main's exit code after Ctrl-C
+        calls.append(argv)
+        return 130
+
+    monkeypatch.setattr(bench_panel.lfads_main, "main", interrupted)
+    with pytest.raises(SystemExit) as e:
+        bench_panel.main(["--tiny", "--out", str(tmp_path), "--only", "lorenz_small", "crnn"])
+    assert e.value.code == 130 and len(calls) == 1  # the next dataset never starts

@@ -61,7 +61,7 @@ def steps(run_dir):
 
 
 # short ramps: the best checkpoint is kept from step 4 on, also across the stop at step 6
-@pytest.mark.parametrize("ramps", [[], ["--kl_steps", "2", "--l2_steps", "2"]],
+@pytest.mark.parametrize("ramps", [[], ["--kl_epochs", "1", "--l2_epochs", "1"]],
                          ids=["in_ramps", "past_ramps"])
 def test_k_steps_plus_k_resumed_equal_2k_steps(tiny_h5, tmp_path, ramps):
     results = tmp_path / "results"
@@ -186,7 +186,7 @@ def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_alone(tiny_h
     per_epoch = n // bs
     expected = [sum(bad in batch_order(seed, s // per_epoch, n)[(s % per_epoch) * bs:][:bs]
                     for s in range(a, a + 4)) for a in (0, 4)]
-    assert tr.fit() is Stop.DONE and tr.step == 8
+    assert tr.fit() is Stop.MAX_STEPS and tr.step == 8
     assert [r["bad_steps"] for r in tr.rows] == expected and expected[0] >= 1
     assert all(math.isfinite(r["train_total"]) for r in tr.rows)
     assert all(torch.isfinite(v).all() for v in tr.model.state_dict().values())
@@ -224,7 +224,7 @@ def test_optimiser_flags_given_on_resume_take_effect(tiny_h5, tmp_path):
 
 def test_a_run_stopped_early_or_out_of_time_stays_stopped_on_resume(tiny_h5, tmp_path):
     results = tmp_path / "results"
-    flags = ["--max_steps", "200", "--patience", "1", "--kl_steps", "2", "--l2_steps", "2"]
+    flags = ["--max_steps", "200", "--patience", "1", "--kl_epochs", "1", "--l2_epochs", "1"]
     assert train(tiny_h5, results, "r", *flags) == 0
     done = steps(results / "r")
     assert done[-1] < 200  # it did stop early

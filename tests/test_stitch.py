@@ -26,8 +26,9 @@ SESSIONS = {"big": (30, 11), "small_a": (12, 12), "small_b": (10, 13)}  # neuron
 SMALL = ("small_a", "small_b")
 MODEL = ["--ic_enc_dim", "16", "--ci_enc_dim", "16", "--con_dim", "16", "--co_dim", "0",
          "--ic_dim", "8", "--gen_dim", "32", "--fac_dim", "8", "--batch_size", "16",
-         "--n_samples", "3", "--kl_steps", "50", "--l2_steps", "50", "--threads", "1",
-         "--lr", "0.01", "--eval_every", "50", "--readin_dim", "8"]
+         "--n_samples", "3", "--kl_epochs", "5", "--l2_epochs", "5", "--threads", "1",
+         "--lr", "0.01", "--eval_every", "50", "--readin_dim", "8",
+         "--patience", "0"]  # equal steps for the stitched and the separate runs
 STEPS = 1000  # steps of the stitched run and of each separate one
 
 

@@ -78,7 +78,7 @@ def test_command_line_end_to_end(tiny_h5, tmp_path):
 def test_help_lists_every_field_with_its_default(tmp_path):
     p = run_cli("--help", cwd=tmp_path)
     assert p.returncode == 0
-    for flag in ("--gen_dim", "--co_dim", "--cd_rate", "--kl_steps", "--max_steps", "--ins"):
+    for flag in ("--gen_dim", "--co_dim", "--cd_rate", "--kl_epochs", "--max_steps", "--ins"):
         assert flag in p.stdout, flag
     assert "(default: 100)" in p.stdout
 
@@ -145,3 +145,15 @@ def test_help_explains_every_flag_with_its_config_comment(capsys):
     # comments that run over several lines arrive whole
     assert squeeze("share of input elements held out of training by a fixed mask") in out
     assert squeeze("its stationary variance is nvar / (1 - a^2)") in out
+
+
+def test_factors_follow_the_neurons_unless_given(tiny_h5, tmp_path):
+    # the tiny file has 12 neurons, fewer than the default 40 factors
+    no_fac = [a for i, a in enumerate(TINY_MODEL) if "--fac_dim" not in TINY_MODEL[i - 1:i + 1]]
+    common = ["--data", str(tiny_h5), "--results-dir", str(tmp_path), "--max_steps", "1",
+              "--no-plots", *no_fac]
+    assert main([*common, "--run", "auto"]) == 0
+    assert main([*common, "--run", "given", "--fac_dim", "30"]) == 0
+    fac = {r: json.loads((tmp_path / r / "config.json").read_text())["model"]["fac_dim"]
+           for r in ("auto", "given")}
+    assert fac == {"auto": 12, "given": 30}
