@@ -1,6 +1,6 @@
 """Do the defaults fit data they were never tuned on? Train on a panel of ground-truth datasets.
 
-    python -m src.bench panel                            # every dataset: about 80 min, 2 CPU cores
+    python -m src.bench panel                            # every dataset: about 55 min, 2 CPU cores
     python -m src.bench panel --only lorenz_shallow ibl_like
     python -m src.bench panel --data-only                # write the datasets, train nothing
     python -m src.bench panel --rescore --reference results/lfads_torch   # lfads-torch beside

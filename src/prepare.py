@@ -21,7 +21,8 @@ from src.utils import check_writable, remove_stale_temps
 
 # the validation metrics: stitched runs also log each session's as '<session>_<metric>', so
 # no session may be named like a metric's first part
-METRIC_NAMES = (*LOSS_TERMS, "total", "bps", "co_bps", "fp_bps", "r2", "r2_pooled", "r2_heldout")
+METRIC_NAMES = (*LOSS_TERMS, "total", "bps", "co_bps", "fp_bps", "r2", "r2_pooled", "r2_heldout",
+                "selection_smth")
 # what --overwrite deletes first: a stale best checkpoint would be exported as the new run's,
 # and old figures would sit next to the new outputs; the patterns cover a stitched run's
 # lfads_output_<session>.h5 and rates_<session>.png too (src/plots.py names the figures)
