@@ -53,8 +53,8 @@ class TrainConfig:
     patience: int = 8  # stop at the plateau: after this many evaluations past the ramps
     #                    without progress of the smoothed selection loss (held-in validation
     #                    reconstruction, or the sample-validation cost with --sv_rate); 0 = never
-    plateau_tol: float = 1e-3  # progress: the smoothed selection loss falls below its best
-    #                            since the last progress by this share of it
+    plateau_tol: float = 1e-3  # progress: the smoothed selection loss falls below its value
+    #                            at the last progress by this share of it
     smoothing: float = 0.3  # weight of the past in the exponential smoothing of the selection
     #                         loss, one value per evaluation (lfads-torch's valid/recon_smth: 0.3)
     n_samples: int = 50  # posterior samples averaged for lfads_output.h5; 0 = posterior means
