@@ -254,8 +254,13 @@ def next_batch(seed: int, step: int, n_train: list[int], batch_size: int) -> tup
     order; several sessions' steps drawn by pick_batch."""
     if len(n_train) > 1:
         return pick_batch(seed, step, n_train, batch_size)
-    epoch, pos = divmod(step, max(n_train[0] // batch_size, 1))
+    epoch, pos = divmod(step, steps_per_epoch(n_train[0], batch_size))
     return 0, batch_order(seed, epoch, n_train[0])[pos * batch_size : (pos + 1) * batch_size]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches in one pass over n training trials: an epoch of the batch order."""
+    return max(n // batch_size, 1)
 
 
 def device_split(split, sv, device) -> dict:

@@ -217,6 +217,11 @@ def chaotic_rnn_rates(cfg: ChaoticRNNConfig, w, b_in, x0, pulse_time=None) -> np
     return cfg.max_rate * (out + 1) / 2
 
 
+def standardised(x: np.ndarray) -> np.ndarray:
+    """Each neuron's values (trials, T, N) to mean 0 and std 1 over trials and bins."""
+    return (x - x.mean((0, 1))) / x.std((0, 1))
+
+
 def readout_rates(units: np.ndarray, cfg: ChaoticRNNConfig, rng: np.random.Generator) -> tuple:
     """Rates in Hz of neurons that each read a random mix of the units, and the mix.
 
@@ -227,10 +232,8 @@ def readout_rates(units: np.ndarray, cfg: ChaoticRNNConfig, rng: np.random.Gener
     which exp would turn into thousands of spikes per second."""
     mix = rng.normal(size=(units.shape[2], cfg.n_neurons))  # (U, N)
     proj = units @ mix  # (trials, T, N)
-    proj = (proj - proj.mean((0, 1))) / proj.std((0, 1))
     c = cfg.readout_clip
-    proj = c * np.tanh(proj / c)  # then standardised again: the std stays readout_gain
-    proj = (proj - proj.mean((0, 1))) / proj.std((0, 1))
+    proj = standardised(c * np.tanh(standardised(proj) / c))  # again: the std stays readout_gain
     base = cfg.base_rate * neuron_base_factors(cfg.rate_spread, cfg.n_neurons, rng)  # (N,)
     return base * np.exp(cfg.readout_gain * proj), mix
 

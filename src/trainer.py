@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from src import checkpoint
-from src.data import Session, device_split, next_batch, sv_mask
+from src.data import Session, device_split, next_batch, steps_per_epoch, sv_mask
 from src.infer import evaluate
 from src.metrics import over_sessions, write_csv
 from src.model import LFADS, LFADSConfig
@@ -228,9 +228,8 @@ class Trainer:
             self.bad_evals += 1
 
     def steps_per_epoch(self) -> int:
-        """Full batches in one pass over the training trials (of every session); the batch
-        order (src/data.py) starts a new epoch after as many."""
-        return max(sum(len(s.train) for s in self.sessions) // self.tcfg.batch_size, 1)
+        """Steps of one pass over the training trials of every session."""
+        return steps_per_epoch(sum(len(s.train) for s in self.sessions), self.tcfg.batch_size)
 
     def ramps(self, step: int) -> tuple:
         tc, epoch = self.tcfg, step / self.steps_per_epoch()
@@ -260,12 +259,10 @@ class Trainer:
         return row
 
     def stopped_before(self) -> Stop | None:
-        """A run resumed after its plateau or a ceiling stays stopped, unless a larger
-        --patience, --max_steps or --max_minutes is given."""
+        """A run resumed after its plateau or its time ceiling stays stopped, unless a larger
+        --patience or --max_minutes is given (fit's loop itself ends at --max_steps)."""
         if self.patience_spent():
             return Stop.PLATEAU
-        if self.step >= self.tcfg.max_steps:
-            return Stop.MAX_STEPS
         return Stop.TIME if self.out_of_time() else None
 
     def patience_spent(self) -> bool:
