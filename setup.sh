@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up python-lfads on a fresh machine:
 #   ./setup.sh          folders, .venv, the package and its dependencies, ./data seeded from ./eg_data
-#   ./setup.sh --dev    the same plus the test tools and the IBL stack the tests exercise
+#   ./setup.sh --dev    the same plus the test tools, the IBL stack and Ray Tune the tests exercise
 #   ./setup.sh --ibl    the same plus the IBL stack (ONE-api, ibllib, iblatlas) for src/prep_data.py
+#   ./setup.sh --tune   the same plus Ray Tune for src/tune.py (AutoLFADS search)
 # Environment: PYTHON picks the interpreter (default python3, 3.10 or newer); TORCH_SPEC picks
 # the torch build to install when .venv has none (default: torch from PyPI, e.g. set
 # TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" for a CPU-only build).
@@ -12,10 +13,11 @@ cd "$(dirname "$0")"
 extras=()
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras+=(dev ibl) ;;
+    --dev) extras+=(dev ibl tune) ;;
     --ibl) extras+=(ibl) ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown option '$arg' (use --dev, --ibl)" >&2; exit 2 ;;
+    --tune) extras+=(tune) ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (use --dev, --ibl, --tune)" >&2; exit 2 ;;
   esac
 done
 

@@ -3,6 +3,7 @@
     python -m src.bench quality [...]   # does it recover the truth? (src/bench_quality.py)
     python -m src.bench speed [...]     # how fast is a training step? (src/bench_speed.py)
     python -m src.bench panel [...]     # defaults on data never tuned on? (src/bench_panel.py)
+    python -m src.bench tune [...]      # does a search beat them? (src/bench_tune.py)
 
 `python -m src.bench <name> --help` lists each one's flags.
 """
@@ -11,7 +12,7 @@ import importlib
 import sys
 
 BENCHES = {"quality": "src.bench_quality", "speed": "src.bench_speed",
-           "panel": "src.bench_panel"}
+           "panel": "src.bench_panel", "tune": "src.bench_tune"}
 
 
 def main(argv=None) -> int:

@@ -91,7 +91,7 @@ def run(args, rank: int, n_proc: int) -> int:
     if stop.code != 0:
         return 128 + trainer.signum if stop.code is None else stop.code
     if rank == 0:
-        report(trainer, outputs, stop, plots=not args.no_plots)
+        report(trainer, outputs, stop.label, plots=not args.no_plots)
     return 0
 
 
@@ -169,11 +169,12 @@ def export(trainer) -> list[dict]:
     return every
 
 
-def report(trainer, outputs: list[dict], stop: Stop, plots: bool) -> None:
-    """summary.json, the figures and the final lines: validation metrics of the exported rates."""
+def report(trainer, outputs: list[dict], stopped: str, plots: bool) -> None:
+    """summary.json, the figures and the final lines: validation metrics of the exported rates.
+    `stopped`: why training ended (a Stop's label, or "search" for src.tune's best member)."""
     sessions, run_dir = trainer.sessions, trainer.run_dir
     summary = {"steps": trainer.step, "minutes": round(trainer.elapsed / 60, 2),
-               "stopped": stop.label, "selected_on": f"valid_{selection_key(trainer.mcfg)}"}
+               "stopped": stopped, "selected_on": f"valid_{selection_key(trainer.mcfg)}"}
     each = [rate_metrics(out["valid"]["rates"], s.valid) for s, out in zip(sessions, outputs)]
     valid = each[0] if len(each) == 1 else over_sessions(sessions, each)
     summary.update({f"valid_{k}": v for k, v in valid.items()})
