@@ -17,9 +17,7 @@ rates that bench/lfads_torch/run.py wrote into DIR/<dataset>.h5 (docs/panel.md).
 """
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import os
 import time
@@ -30,7 +28,7 @@ import numpy as np
 from src import main as lfads_main
 from src.bench_quality import TINY_FLAGS
 from src.data import load_session
-from src.metrics import rate_metrics
+from src.metrics import rate_metrics, write_csv
 from src.synth import ChaoticRNNConfig, LorenzConfig, make_chaotic_rnn, make_lorenz, write_session
 from src.utils import atomic_write_text, valid_counts_sha1
 
@@ -217,11 +215,7 @@ def markdown(rows: list) -> str:
 def write_table(out_dir: str, rows: list) -> str:
     table = markdown(rows)
     atomic_write_text(os.path.join(out_dir, "panel.md"), table)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(os.path.join(out_dir, "panel.csv"), buf.getvalue())
+    write_csv(os.path.join(out_dir, "panel.csv"), rows)
     return table
 
 

@@ -16,9 +16,7 @@ table and writes it as markdown and CSV in `--out`, and figures in `--media`.
 """
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -32,7 +30,7 @@ import torch
 from src import main as lfads_main
 from src.data import load_session
 from src.infer import posterior_average
-from src.metrics import rate_metrics, region_bps
+from src.metrics import rate_metrics, region_bps, write_csv
 from src.model import LFADS, LFADSConfig
 from src.synth import (
     ChaoticRNNConfig,
@@ -255,12 +253,7 @@ def markdown(rows: list) -> str:
 def write_table(out_dir: str, rows: list) -> str:
     table = markdown(rows)
     atomic_write_text(os.path.join(out_dir, "quality.md"), table)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(os.path.join(out_dir, "quality.csv"), buf.getvalue())
+    write_csv(os.path.join(out_dir, "quality.csv"), rows)
     return table
 
 

@@ -14,8 +14,6 @@ hyperparameters the search chose.
 """
 
 import argparse
-import csv
-import io
 import json
 import os
 import time
@@ -26,6 +24,7 @@ from src import main as lfads_main
 from src import tune as search
 from src.bench_panel import PANEL, TINY, evaluate, generate
 from src.bench_quality import TINY_FLAGS
+from src.metrics import write_csv
 from src.utils import atomic_write_text
 
 NAMES = ["ibl_like", "crnn"]
@@ -119,11 +118,7 @@ def main(argv=None) -> int:
         rows += [default_run(name, data, args), search_run(name, data, args)]
     text = table(rows)
     atomic_write_text(os.path.join(args.out, "tune.md"), text)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(os.path.join(args.out, "tune.csv"), buf.getvalue())
+    write_csv(os.path.join(args.out, "tune.csv"), rows)
     print("\nthe defaults and the search (validation trials; rates against the truth):\n")
     print(text)
     return 0
