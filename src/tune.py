@@ -33,11 +33,13 @@ import time
 from dataclasses import dataclass
 
 from src import main as lfads_main
+from src.cli import overrides
 from src.data import DataError, load_session
+from src.metrics import write_csv
 from src.model import LFADSConfig
 from src.prepare import prepare_run
 from src.trainer import Stop, TrainConfig
-from src.utils import atomic_path, atomic_write_text
+from src.utils import atomic_copy, atomic_write_text
 
 try:  # the [tune] extra is optional: main() says how to install it
     from ray import tune
@@ -179,10 +181,8 @@ def take_checkpoint(ckpt, run_dir: str) -> str | None:
         return None
     with ckpt.as_directory() as d:
         for f in ("ckpt_last.pt", "ckpt_best.pt"):
-            src = os.path.join(d, f)
-            if os.path.isfile(src):
-                with atomic_path(os.path.join(run_dir, f)) as tmp:
-                    shutil.copyfile(src, tmp)
+            if os.path.isfile(os.path.join(d, f)):
+                atomic_copy(os.path.join(d, f), os.path.join(run_dir, f))
     return os.path.basename(os.path.dirname(os.path.normpath(ckpt.path)))
 
 
@@ -275,8 +275,7 @@ def new_search(args, flags: list[str]) -> dict:
             raise SearchError(f"--{k} {v}: must be at least 1")
     if args.population < 2:
         raise SearchError("--population 1: a population needs at least 2 members")
-    tc = TrainConfig(**{k: v for k, v in vars(given).items()
-                        if k in TrainConfig.__dataclass_fields__ and v is not None})
+    tc = TrainConfig(**overrides(given, TrainConfig))
     per_epoch = -(-len(session.train) // tc.batch_size)
     periods = lambda epochs: max(1, math.ceil(epochs * per_epoch / tc.eval_every))  # noqa: E731
     generation = periods(args.generation_epochs) * tc.eval_every
@@ -364,7 +363,7 @@ class Progress(Callback):
         row = {"member": name, "step": result["step"], "selection": result["selection"],
                "parent": parent, **{k: result[k] for k in self.names}}
         self.rows.append(row)
-        write_population(self.path, self.rows)
+        write_csv(self.path, self.rows)
         took = f" (from {parent})" if parent and parent != name else ""
         print(f"{name} step {row['step']:6d} selection {row['selection']:.2f}{took}  " +
               " ".join(f"{k} {row[k]:.3g}" for k in self.names), flush=True)
@@ -376,13 +375,6 @@ def read_population(path: str) -> list[dict]:
     with open(path, newline="") as f:
         return [{k: (v if k in ("member", "parent") else int(v) if k == "step" else float(v))
                  for k, v in r.items()} for r in csv.DictReader(f)]
-
-
-def write_population(path: str, rows: list[dict]) -> None:
-    text = ",".join(rows[0]) + "\n" + "".join(
-        ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r.values()) + "\n"
-        for r in rows)
-    atomic_write_text(path, text)
 
 
 def reachable(address: str) -> None:
@@ -504,8 +496,7 @@ def export_best(out: str, name: str, threads: int, plots: bool) -> str:
     src_dir, dst = os.path.join(out, "members", name), os.path.join(out, "best")
     os.makedirs(dst, exist_ok=True)
     for f in ("ckpt_last.pt", "ckpt_best.pt", "metrics.csv"):
-        with atomic_path(os.path.join(dst, f)) as tmp:
-            shutil.copyfile(os.path.join(src_dir, f), tmp)
+        atomic_copy(os.path.join(src_dir, f), os.path.join(dst, f))
     tc = TrainConfig()
     args = lfads_main.build_parser().parse_args([
         "--resume", dst, "--patience", str(tc.patience), "--lr_patience", str(tc.lr_patience),

@@ -5,6 +5,7 @@ import glob
 import hashlib
 import os
 import random
+import shutil
 import signal
 import tempfile
 import threading
@@ -38,6 +39,11 @@ def atomic_path(path: str):
 def atomic_torch_save(obj, path: str) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def atomic_write_text(path: str, text: str) -> None:
