@@ -2,8 +2,9 @@
 # Set up python-lfads on a fresh machine:
 #   ./setup.sh          folders, .venv, the package and its dependencies, ./data seeded from ./eg_data
 #   ./setup.sh --dev    the same plus the test tools, the IBL stack and Ray Tune the tests exercise
-#   ./setup.sh --ibl    the same plus the IBL stack (ONE-api, ibllib, iblatlas) for src/prep_data.py
+#   ./setup.sh --ibl    the same plus the IBL stack (ONE-api, ibllib, iblatlas) for src/ibl/prep.py
 #   ./setup.sh --tune   the same plus Ray Tune for src/tune.py (AutoLFADS search)
+#   ./setup.sh --nwb    the same plus pynwb for src/prep_nwb.py (NWB files)
 # Environment: PYTHON picks the interpreter (default python3, 3.10 or newer); TORCH_SPEC picks
 # the torch build to install when .venv has none (default: torch from PyPI, e.g. set
 # TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" for a CPU-only build).
@@ -13,11 +14,12 @@ cd "$(dirname "$0")"
 extras=()
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras+=(dev ibl tune) ;;
+    --dev) extras+=(dev ibl tune nwb) ;;
+    --nwb) extras+=(nwb) ;;
     --ibl) extras+=(ibl) ;;
     --tune) extras+=(tune) ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown option '$arg' (use --dev, --ibl, --tune)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (use --dev, --ibl, --tune, --nwb)" >&2; exit 2 ;;
   esac
 done
 

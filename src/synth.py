@@ -14,7 +14,7 @@ Two recipes after TF LFADS and AutoLFADS (docs/design.md, Synthetic data):
   `input_magnitude` > 0 every trial gets one input pulse at a random time, which LFADS can
   only explain through its controller (inferred inputs). With `n_units` set, a population of
   n_neurons neurons reads the units through exp of random mixes instead (more neurons than
-  units, rates of a chosen base, spread and depth), as src/bench_panel.py's datasets do.
+  units, rates of a chosen base, spread and depth), as src/bench/panel.py's datasets do.
 
     python -m src.synth chaotic_rnn --out data/crnn.h5 [--input-magnitude 20]
 """
@@ -187,7 +187,7 @@ def chaotic_rnn_units(x, w, cfg: ChaoticRNNConfig, tanh=np.tanh, kick=None) -> l
 
     The discretisation of TF LFADS's synthetic_data_utils: x_t = (1 - dt/tau) x_{t-1} +
     dt/tau (W tanh(x_{t-1}) + u_t), u_t = kick(t) or 0. Numpy arrays or torch tensors alike
-    (pass tanh=torch.tanh): the ideal observer of src/bench_quality.py differentiates it.
+    (pass tanh=torch.tanh): the ideal observer of src/bench/quality.py differentiates it.
     """
     a, out = cfg.bin_size / cfg.tau, []
     for t in range(cfg.n_bins):
@@ -257,7 +257,7 @@ def make_chaotic_rnn(cfg: ChaoticRNNConfig) -> tuple[dict, dict]:
         rates_hz = chaotic_rnn_rates(cfg, w, b_in, x0, pulse_time)
     data = poisson_session(rates_hz, cond, cfg, rng, extra)
     # the true system, no part of the contract. `rnn_weights` is what the ideal observer
-    # (src/bench_quality.py) reads, which assumes one neuron per unit: only the recipe's files
+    # (src/bench/quality.py) reads, which assumes one neuron per unit: only the recipe's files
     if cfg.n_units:
         data["unit_weights"], data["readout_mix"] = w, mix
     else:

@@ -23,7 +23,7 @@ import pytest
 import torch
 from one.api import ONE
 
-from src import prep_data
+from src.ibl import prep as prep_data
 from src.main import build_parser, main
 from src.model import LFADSConfig
 from src.trainer import TrainConfig

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from src import bench_panel
+from src.bench import panel as bench_panel
 from src.data import Split, load_session
 from src.synth import ChaoticRNNConfig, LorenzConfig, make_chaotic_rnn, make_lorenz
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import torch
 
-from src import bench_quality
+from src.bench import quality as bench_quality
 from src.main import main as train_main
 from src.model import LFADS, LFADSConfig
 from src.synth import ChaoticRNNConfig, chaotic_rnn_rates, chaotic_rnn_weights, make_chaotic_rnn

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src import prep_data as prep
-from src.ibl_fixture import MAIN, PROBE_LISTING, SESSION_LISTING
+from src.ibl import prep
+from src.ibl.fixture import MAIN, PROBE_LISTING, SESSION_LISTING
 
 HOST = "openalyx.internationalbrainlab.org"
 PID, EID = MAIN["pids"]["probe00"], MAIN["eid"]
@@ -61,7 +61,7 @@ def test_the_fixture_listing_is_the_real_one(one):
     expected = SESSION_LISTING + [p.format(probe=probe) for probe in MAIN["pids"]
                                   for p in PROBE_LISTING]
     missing = [p for p in expected if p not in listed]
-    assert not missing, f"src/ibl_fixture.py lists datasets the session does not have: {missing}"
+    assert not missing, f"src/ibl/fixture.py lists datasets the session does not have: {missing}"
 
 
 def test_the_release_sorting_and_the_papers_trials_revision(prepared):

@@ -1,6 +1,6 @@
-"""src/prep_data.py against the real ONE-api, brainbox and iblatlas code, offline.
+"""src/ibl/prep.py against the real ONE-api, brainbox and iblatlas code, offline.
 
-A local ONE cache laid out like the brain-wide-map release (src/ibl_fixture.py: the release's
+A local ONE cache laid out like the brain-wide-map release (src/ibl/fixture.py: the release's
 pykilosort/#2024-05-06# sorting, the older unrevisioned one, an iblsorter decoy, trials
 unrevisioned and in a newer revision) is built once per module with HOME in a temporary folder,
 since ONE writes under ~/.one and ~/Downloads. Expected values are computed independently: from
@@ -29,8 +29,8 @@ from iblatlas.regions import BrainRegions
 from nbclient import NotebookClient
 from one.api import ONE
 
-from src import prep_data as prep
-from src.ibl_fixture import REVISION, SORTER, TRIALS_REVISION, make_local_cache
+from src.ibl import prep
+from src.ibl.fixture import REVISION, SORTER, TRIALS_REVISION, make_local_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 EPHYS_TEST = Path(brainbox.__file__).parent / "tests" / "fixtures" / "ephys_test.p"

@@ -1,4 +1,4 @@
-"""src/prep_data.py online, against a stand-in for the Alyx database (src.ibl_fixture.FakeAlyx):
+"""src/ibl/prep.py online, against a stand-in for the Alyx database (src.ibl.fixture.FakeAlyx):
 ONE's own remote mode lists the release, queries sessions and downloads files from a fixture
 cache (the "server") into an empty client cache. What such a run downloaded must be reusable
 offline with --local, and only what is used may be downloaded.
@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from one.api import ONE
 
-from src import prep_data as prep
-from src.ibl_fixture import FakeAlyx, make_local_cache
+from src.ibl import prep
+from src.ibl.fixture import FakeAlyx, make_local_cache
 from tests.test_prep_data import ibl_home  # noqa: F401  (a module fixture: HOME in tmp)
 
 

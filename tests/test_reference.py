@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from src import bench
-from src.bench_speed import CONFIGS, forward_flops
+from src.bench.speed import CONFIGS, forward_flops
 from src.model import LFADS, LFADSConfig
 from src.reference import gru_step, reference_forward
 from src.utils import autocast

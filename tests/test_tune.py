@@ -321,7 +321,7 @@ def test_more_workers_than_cpus_is_refused(local_ray, tiny_h5, tmp_path, capsys)
 
 
 def test_the_benchmark_runs_in_a_tiny_configuration(local_ray, tmp_path):
-    from src import bench_tune
+    from src.bench import tune as bench_tune
 
     out = tmp_path / "bench"
     assert bench_tune.main(["--tiny", "--only", "crnn", "--out", str(out)]) == 0

@@ -63,7 +63,7 @@ def data_sizes(path: str) -> dict:
 
 
 def write_rates(path: str, rates: np.ndarray, attrs: dict) -> None:
-    """The file src/bench_panel.py reads: `valid_rates` (trials, T_rec, N) and attributes."""
+    """The file src/bench/panel.py reads: `valid_rates` (trials, T_rec, N) and attributes."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("valid_rates", data=rates.astype(np.float32), compression="gzip")
         for k, v in attrs.items():

@@ -4,7 +4,7 @@
     python -m src.bench tune --only crnn --minutes 40
     python -m src.bench tune --tiny               # a smoke test in a minute
 
-For each dataset (src/bench_panel.py's: by default the one where the defaults fare worst and
+For each dataset (src/bench/panel.py's: by default the one where the defaults fare worst and
 the chaotic RNN) it trains the default run (src.main, the same --minutes as its ceiling, so
 both get the same CPU time at most: the default stops at its plateau) and a search
 (src.tune, --population members on --workers cores, --minutes of wall time), then scores the
@@ -22,8 +22,8 @@ import torch
 
 from src import main as lfads_main
 from src import tune as search
-from src.bench_panel import PANEL, TINY, evaluate, generate
-from src.bench_quality import TINY_FLAGS
+from src.bench.panel import PANEL, TINY, evaluate, generate
+from src.bench.quality import TINY_FLAGS
 from src.metrics import write_csv
 from src.utils import atomic_write_text
 

@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from src import main as lfads_main
-from src.bench_quality import TINY_FLAGS
+from src.bench.quality import TINY_FLAGS
 from src.data import load_session
 from src.metrics import rate_metrics, write_csv
 from src.synth import ChaoticRNNConfig, LorenzConfig, make_chaotic_rnn, make_lorenz, write_session
@@ -66,7 +66,7 @@ PANEL = {
     "crnn_300": ChaoticRNNConfig(n_neurons=300, n_heldout=75, n_units=50, n_bins=50,
                                  n_fp_bins=0, bin_size=0.02, tau=0.05, n_conditions=100,
                                  base_rate=5.0, rate_spread=0.5),
-    # like an IBL insertion (src/prep_data.py defaults): 200 units of mixed rates (about
+    # like an IBL insertion (src/ibl/prep.py defaults): 200 units of mixed rates (about
     # 1-20 Hz), 100 bins of 10 ms, 320 training trials, weak modulation, and an event at a
     # different time in every trial (the pulse) as movement onset after the stimulus
     "ibl_like": ChaoticRNNConfig(n_neurons=200, n_heldout=50, n_units=50, n_fp_bins=0,
@@ -75,7 +75,7 @@ PANEL = {
 }
 MAKERS = {LorenzConfig: make_lorenz, ChaoticRNNConfig: make_chaotic_rnn}
 
-# a few steps of a tiny model (src/bench_quality.py's), few posterior samples: a smoke test
+# a few steps of a tiny model (src/bench/quality.py's), few posterior samples: a smoke test
 TINY = ["--n_samples", "3"]
 MAX_MINUTES = 8.0  # the training-time ceiling of every dataset: 9 x 8 min fits the 90 minutes
 

@@ -1,7 +1,7 @@
 """A small ONE cache laid out like the brain-wide-map release, for offline tests and the notebook,
 and a stand-in for the Alyx web client that serves it as the public database would.
 
-    from src.ibl_fixture import make_local_cache
+    from src.ibl.fixture import make_local_cache
     info = make_local_cache("/tmp/one_cache")      # then ONE(mode="local", cache_dir=...)
 
 Paths. Session `main` is brain-wide-map session 8c33abef-3d3e-4d42-9f27-445e9def08f9

@@ -1,0 +1,5 @@
+import sys
+
+from src.bench import main
+
+sys.exit(main())
