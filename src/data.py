@@ -7,7 +7,7 @@ spike counts, optional truth, external inputs and trial indices, and a `bin_size
 
 import glob
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -39,7 +39,7 @@ class Session:
     valid: Split
     test_encod: torch.Tensor | None  # (trials, T_enc, N_in) encoder input only
     test_ext: torch.Tensor | None  # (trials, T_rec, E) the test trials' external inputs
-    align: dict = field(default_factory=dict)  # the ALIGN_ATTRS the file has, e.g. IBL's event
+    extras: tuple = ()  # "chopped" (src/chop.py), "behaviour" (src/decode.py): read after training
 
     @property
     def sizes(self) -> dict:
@@ -50,15 +50,14 @@ class Session:
                     ext_dim=0 if ext is None else ext.shape[2])
 
 
-# file attributes that say what a bin is: sessions stitched together must agree on them
-ALIGN_ATTRS = ("align_event", "t_before", "t_after")
-
-
 def find_session_files(data: str | None, ins: str | None, data_dir: str) -> list[str]:
     """The session files a run should train on, from --data, --ins or the data folder."""
     if data:
         files = sorted(glob.glob(data)) if glob.has_magic(data) else [data]
         for f in files:
+            if os.path.isdir(f):
+                raise DataError(f"--data {data}: {f} is a folder; give a session file, a quoted "
+                                f"glob such as '{f.rstrip('/')}/*.h5', or --data-dir {f}")
             if not os.path.isfile(f):
                 raise DataError(f"--data {data}: no such file {f}")
         if not files:
@@ -177,9 +176,11 @@ def load_session(path: str) -> Session:
         if (train.ext is None) != (valid.ext is None):
             raise DataError(f"{path}: external inputs must be given for both splits or neither")
         test, test_ext = _test(f, path, train)
-        align = {k: _plain(f.attrs[k]) for k in ALIGN_ATTRS if k in f.attrs}
+        extras = tuple(k for k, here in (("chopped", "chop_bins" in f.attrs),
+                                         ("behaviour", "train_behavior" in f or "trials" in f))
+                       if here)
     name = os.path.splitext(os.path.basename(path))[0]
-    return Session(path, name, bin_size, train, valid, test, test_ext, align)
+    return Session(path, name, bin_size, train, valid, test, test_ext, extras)
 
 
 def _test(f, path, train: Split) -> tuple:
@@ -204,30 +205,6 @@ def _test(f, path, train: Split) -> tuple:
     return torch.from_numpy(test.astype(np.float32)), test_ext
 
 
-def _plain(v):
-    return v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v
-
-
-def check_compatible(sessions: list[Session]) -> None:
-    """Sessions trained as one stitched model must share what a bin means (bin size and
-    alignment) and the shared network's sizes: encoder and reconstructed bins, external
-    inputs. Neuron and trial counts may differ. Bin counts are kept equal because the
-    generator and controller run a fixed T_rec steps and the controller input is padded by
-    T_rec - T_enc: files prepared with the same window always agree."""
-    first = sessions[0]
-    for s in sessions[1:]:
-        pairs = [("bin_size", first.bin_size, s.bin_size)]
-        pairs += [(k, first.align.get(k, "not set"), s.align.get(k, "not set"))
-                  for k in ALIGN_ATTRS]
-        pairs += [(k, first.sizes[k], s.sizes[k]) for k in ("t_enc", "t_rec", "ext_dim")]
-        for key, a, b in pairs:
-            if a != b:
-                raise DataError(f"cannot stitch {first.path} and {s.path}: {key} is {a} in "
-                                f"the first and {b} in the second. Sessions trained together "
-                                "need the same bin size, alignment and bins per trial; "
-                                "prepare them alike, or train them one at a time with --data")
-
-
 # -----------------------------------------------------------------------------
 # batches
 
@@ -249,13 +226,10 @@ def batch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def next_batch(seed: int, step: int, n_train: list[int], batch_size: int) -> tuple:
-    """(session, trial indices) of a step: one session's epochs of full batches in a shuffled
-    order; several sessions' steps drawn by pick_batch."""
-    if len(n_train) > 1:
-        return pick_batch(seed, step, n_train, batch_size)
-    epoch, pos = divmod(step, steps_per_epoch(n_train[0], batch_size))
-    return 0, batch_order(seed, epoch, n_train[0])[pos * batch_size : (pos + 1) * batch_size]
+def next_batch(seed: int, step: int, n_train: int, batch_size: int) -> torch.Tensor:
+    """The trial indices of a step: epochs of full batches, each epoch in a shuffled order."""
+    epoch, pos = divmod(step, steps_per_epoch(n_train, batch_size))
+    return batch_order(seed, epoch, n_train)[pos * batch_size : (pos + 1) * batch_size]
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -267,14 +241,3 @@ def device_split(split, sv, device) -> dict:
     """A training split on the device, once: batches are index lookups."""
     d = {"encod": split.encod, "recon": split.recon, "ext": split.ext, "sv": sv}
     return {k: None if v is None else v.to(device) for k, v in d.items()}
-
-
-def pick_batch(seed: int, step: int, n_train: list[int], batch_size: int):
-    """The session and trials of one training step, a function of (seed, step) alone, so a
-    resumed run draws what an uninterrupted one would. The session is drawn with probability
-    proportional to its training trials (each trial then is seen equally often on average),
-    and the batch is `batch_size` of its trials without repeats (all of them when it has
-    fewer). Unlike one session's epochs, steps draw independently of each other."""
-    g = torch.Generator().manual_seed(seed * 1_000_033 + step + 7)
-    s = int(torch.multinomial(torch.tensor(n_train, dtype=torch.float64), 1, generator=g))
-    return s, torch.randperm(n_train[s], generator=g)[:batch_size]

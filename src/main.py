@@ -1,79 +1,73 @@
-"""Train LFADS on session files and write a run folder: prepare -> build -> fit -> report.
+"""Train LFADS on session files and write a run folder: flags -> sessions and settings -> the
+trainer -> fit -> lfads_output.h5 -> summary and figures (read `run`).
 
     python -m src.main                       # every session file in ./data (several: stitched)
     python -m src.main --ins <pid>           # ./data/<pid>.h5
-    python -m src.main --data path/to.h5 --gen_dim 100 --max_steps 500
-    python -m src.main --data 'data/*.h5'    # one stitched model over several sessions
+    python -m src.main --data path/to.h5 --gen-dim 100 --max-steps 500
     python -m src.main --resume results/<run>
 
-Every field of LFADSConfig (src/model.py) and TrainConfig (src/trainer.py) is a flag.
+Every field of LFADSConfig (src/model.py) and TrainConfig (src/trainer.py) is a flag, its help
+the comment beside the field.
 """
 
 import argparse
 import dataclasses
-import gc
+import glob
+import inspect
 import json
+import math
 import os
+import re
 import shlex
 import sys
+import time
 
 import torch
 
-from src import checkpoint
-from src.cli import add_config_flags
-from src.data import DataError
-from src.infer import posterior_average, write_outputs
-from src.metrics import over_sessions, rate_metrics
+from src.data import DataError, find_session_files, load_session
+from src.metrics import posterior_average, rate_metrics, write_outputs
 from src.model import LFADSConfig
-from src.prepare import prepare_ranks
-from src.ranks import init_distributed, rank_device, world
 from src.trainer import Stop, TrainConfig, Trainer, selection_key
-from src.utils import atomic_write_text, pick_device, seed_everything
+from src.utils import (
+    FlagParser,
+    atomic_write_text,
+    check_writable,
+    has_mps,
+    pick_device,
+    seed_everything,
+)
+
+# read from the session files, not flags
+DATA_SIZES = ("n_in", "n_out", "t_enc", "t_rec", "ext_dim", "session_n_in", "session_n_out")
+# what --overwrite deletes first, so no stale best checkpoint or figure sits beside a new run
+RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.csv", "summary.json", "lfads_output*.h5",
+             "curves.png", "rates*.png", "factors*.png", "inputs*.png", "truth*.png",
+             "decoding.csv", "decoding.png")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m src.main", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="a session .h5 file, or a quoted glob of several: one "
-                   "stitched model (default: every file in --data-dir)")
-    p.add_argument("--ins", help="an insertion id: trains on <data-dir>/<ins>.h5")
-    p.add_argument("--data-dir", default="data", help="folder of session files (default: data)")
-    p.add_argument("--results-dir", default="results", help="where run folders go")
-    p.add_argument("--run", "--run-name", dest="run", help="run folder name (default: "
-                   "<session>_<date>_<time>; under torchrun spell it --run-name: torchrun "
-                   "reads --run as its own --run-path)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument("--no-plots", action="store_true", help="skip the figures")
-    add_config_flags(p, "model (src/model.py LFADSConfig)", LFADSConfig)
-    add_config_flags(p, "training (src/trainer.py TrainConfig)", TrainConfig)
-    return p
+# -----------------------------------------------------------------------------
+# the run
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    rank, n_proc = world()
-    if n_proc > 1:
-        init_distributed(args.device or "auto")
-    try:
-        code = run(args, rank, n_proc)
-        if n_proc > 1:  # the others wait while rank 0 writes the outputs: a process that
-            torch.distributed.barrier()  # left the group early was seen to abort in gloo
-        return code
-    finally:
-        if n_proc > 1:
-            # the trainer sits in a reference cycle, so its DDP wrapper (which holds the
-            # process group) would otherwise live on until the interpreter shuts down, and
-            # gloo's threads torn down then could abort a rank (SIGABRT after "done")
-            gc.collect()
-            torch.distributed.destroy_process_group()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: src/distributed.py
+        from src.distributed import main_ranks
+
+        return main_ranks(args, run)
+    return run(args)
 
 
-def run(args, rank: int, n_proc: int) -> int:
-    """Train and export; under torchrun every process runs this, rank 0 alone writes."""
+def run(args, rank: int = 0, n_proc: int = 1) -> int:
+    """Train and export; under torchrun every process runs this and rank 0 alone writes."""
     say = print if rank == 0 else lambda *a, **k: None
     try:
-        sessions, mcfg, tcfg, run_dir, ckpt = prepare_ranks(args, rank, n_proc)
+        if n_proc > 1:
+            from src.distributed import prepare_ranks
+
+            sessions, mcfg, tcfg, run_dir, ckpt = prepare_ranks(args, rank, n_proc, prepare)
+        else:
+            sessions, mcfg, tcfg, run_dir, ckpt = prepare(args)
     except DataError as e:
         say(f"error: {e}", file=sys.stderr)
         return 2
@@ -85,31 +79,92 @@ def run(args, rank: int, n_proc: int) -> int:
         announce(stop, trainer, resume, say)
         outputs = export(trainer) if rank == 0 and stop.code == 0 else None
     except (OSError, KeyboardInterrupt) as e:  # a full disk; a second Ctrl-C during a save
-        say(f"error: {e or type(e).__name__} at step {trainer.step}; {last_checkpoint(trainer)}."
-            f" Continue with: {resume}", file=sys.stderr)
+        say(f"error: {e or type(e).__name__} at step {trainer.state.step}; "
+            f"{last_checkpoint(trainer)}. Continue with: {resume}", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
     if stop.code != 0:
         return 128 + trainer.signum if stop.code is None else stop.code
     if rank == 0:
         report(trainer, outputs, stop.label, plots=not args.no_plots)
+        analyses(trainer, plots=not args.no_plots)
     return 0
 
 
+def prepare(args, lead: bool = True, n_proc: int = 1) -> tuple:
+    """(sessions, model config, train config, run folder, checkpoint or None), all checked
+    before a run folder is made or touched; a DataError otherwise."""
+    if args.resume:
+        from src.resume import resumed_run
+
+        return resumed_run(args, lead, n_proc)
+    files = find_session_files(args.data, args.ins, args.data_dir)
+    if len(files) > 1:
+        from src.stitch import load_sessions
+
+        sessions, sizes = load_sessions(files)
+    else:
+        sessions = [load_session(files[0])]
+        sizes = sessions[0].sizes
+    mcfg = LFADSConfig(**{**data_sized(overrides(args, LFADSConfig), sizes), **sizes})
+    tcfg = TrainConfig(**overrides(args, TrainConfig))
+    check_settings(mcfg, tcfg, n_proc)
+    name = f"stitched{len(sessions)}" if len(sessions) > 1 else sessions[0].name
+    run_dir = os.path.join(args.results_dir, args.run or f"{name}_{time.strftime('%Y%m%d_%H%M%S')}")
+    if lead:
+        new_run_dir(run_dir, args.overwrite)
+    return sessions, mcfg, tcfg, run_dir, None
+
+
+def data_sized(given: dict, sizes: dict) -> dict:
+    """No more factors than the fewest neurons of a session, unless --fac-dim says so: more
+    only add directions the read-out cannot tell apart (lfads-torch's configurations agree)."""
+    neurons = min(sizes.get("session_n_out") or [sizes["n_out"]])
+    if "fac_dim" not in given and LFADSConfig.fac_dim > neurons:
+        return {**given, "fac_dim": neurons}
+    return given
+
+
+def new_run_dir(run_dir: str, overwrite: bool) -> None:
+    if os.path.exists(run_dir) and os.listdir(run_dir) and not overwrite:
+        raise DataError(f"run folder {run_dir} exists: continue it with --resume {run_dir}, or "
+                        "replace it with --overwrite")
+    writable(run_dir)
+    for pattern in RUN_FILES if overwrite else ():
+        for path in glob.glob(os.path.join(run_dir, pattern)):
+            os.remove(path)
+
+
+def writable(run_dir: str) -> None:
+    """The run folder made and writable now, not at the first checkpoint an hour later."""
+    try:
+        check_writable(run_dir)
+    except OSError as e:
+        raise DataError(f"cannot write the run folder {run_dir} ({e.strerror or e}: "
+                        f"{e.filename or run_dir}); pick another place with --results-dir") from e
+
+
 def build(sessions, mcfg, tcfg, run_dir, ckpt, rank: int, n_proc: int, say) -> Trainer:
-    """The trainer on its device, with the checkpoint's state when resuming."""
+    """The trainer on its device; the extensions a run needs attach here."""
     if tcfg.threads > 0:
         torch.set_num_threads(tcfg.threads)
-    device = rank_device(pick_device(tcfg.device))
+    device = pick_device(tcfg.device)
+    extensions = []
+    if n_proc > 1:  # several processes: DDP and the collectives
+        from src.distributed import Distributed, rank_device
+
+        device = rank_device(device)
+        extensions.append(Distributed)
+    if len(sessions) > 1:  # several sessions: read-ins, read-outs, batches drawn by session
+        from src.stitch import Stitched
+
+        extensions.append(Stitched)
+    cls = type("Trainer", (*extensions, Trainer), {}) if extensions else Trainer
     seed_everything(tcfg.seed + rank)  # each process its own dropout masks and samples
-    trainer = Trainer(sessions, mcfg, tcfg, run_dir, device)
-    if ckpt is not None:
-        checkpoint.restore(trainer, ckpt)
-        if trainer.rows:  # drop rows written after the checkpoint: the run goes on from there
-            trainer.write_metrics()
-        diff = checkpoint.changes(ckpt["model_config"], mcfg) | checkpoint.changes(
-            ckpt["train_config"], tcfg)
-        say(f"resuming {run_dir} at step {trainer.step}" + (
-            f" ({checkpoint.fmt(diff)})" if diff else ""))
+    trainer = cls(sessions, mcfg, tcfg, run_dir, device)
+    if ckpt is not None:  # resuming: the checkpoint's state (src/resume.py)
+        from src.resume import restore
+
+        restore(trainer, ckpt, say)
     if rank == 0:
         write_config(run_dir, mcfg, tcfg, sessions)
     for s in sessions:
@@ -118,23 +173,30 @@ def build(sessions, mcfg, tcfg, run_dir, ckpt, rank: int, n_proc: int, say) -> T
             f"{mcfg.t_rec} bins of {s.bin_size * 1e3:g} ms, {n_out} neurons "
             f"({n_out - n_in} held out)")
     if len(sessions) > 1:
-        say(f"one stitched model over {len(sessions)} sessions: read-ins to "
-            f"{mcfg.readin_dim} shared dimensions ({trainer.pcr_dims} started by principal-"
-            f"component regression; {'trained' if mcfg.readin_train else 'fixed'})")
+        say(trainer.note())
     procs = f" x {n_proc} processes" if n_proc > 1 else ""
     say(f"device {device}{procs}; run folder {run_dir}")
     return trainer
 
 
 def announce(stop: Stop, trainer: Trainer, resume: str, say) -> None:
-    """What the run says about why it stopped (Stop's table)."""
-    if stop.message:
-        tc = trainer.tcfg
-        say(stop.message.format(step=trainer.step, resume=resume, bad=tc.max_bad_steps,
-                                tol=tc.plateau_tol, patience=tc.patience,
-                                last=last_checkpoint(trainer),
-                                lr=trainer.opt.param_groups[0]["lr"]),
-            file=sys.stderr if stop.code != 0 else sys.stdout)
+    """Why the run stopped, and how to go on."""
+    tc, step = trainer.tcfg, trainer.state.step
+    lr = trainer.opt.param_groups[0]["lr"]
+    message = {
+        Stop.PLATEAU: f"stopping at step {step}: the plateau (the smoothed selection loss made "
+                      f"no progress of {tc.plateau_tol:g} of it in {tc.patience} evaluations)",
+        Stop.MAX_STEPS: f"stopping at step {step}: the --max-steps ceiling, before the plateau; "
+                        f"continue with: {resume} --max-steps <more>",
+        Stop.TIME: f"stopping at step {step}: the --max-minutes ceiling, before the plateau; "
+                   f"continue with: {resume} --max-minutes <more>",
+        Stop.INTERRUPTED: f"interrupted at step {step}; continue with: {resume}",
+        Stop.DIVERGED: f"error: stopped at step {step}: {tc.max_bad_steps} steps in a row had a "
+                       "non-finite loss or gradient. They were skipped, so the weights stay "
+                       f"finite; {last_checkpoint(trainer)}. Lower --lr (now {lr:g}) or check "
+                       f"the data, then continue with: {resume} --lr <lower>",
+    }[stop]
+    say(message, file=sys.stderr if stop.code != 0 else sys.stdout)
 
 
 def last_checkpoint(trainer) -> str:
@@ -143,14 +205,9 @@ def last_checkpoint(trainer) -> str:
     return f"{trainer.run_dir}/ckpt_last.pt (step {trainer.last_saved}) is intact"
 
 
-def output_name(session, several: bool) -> str:
-    """lfads_output.h5, or lfads_output_<session>.h5 for each of several sessions."""
-    return f"lfads_output_{session.name}.h5" if several else "lfads_output.h5"
-
-
 def export(trainer) -> list[dict]:
-    """Posterior-averaged outputs of the best checkpoint (the last if none is better), one
-    {split: {field: array}} per session."""
+    """lfads_output.h5: outputs of the best checkpoint (the last if none is better), averaged
+    over posterior samples; one {split: {field: array}} per session."""
     best = os.path.join(trainer.run_dir, "ckpt_best.pt")
     if os.path.isfile(best):
         ckpt = torch.load(best, map_location=trainer.device, weights_only=False)  # our own file
@@ -161,40 +218,171 @@ def export(trainer) -> list[dict]:
         if s.test_encod is not None:
             splits["test"] = (s.test_encod, s.test_ext)
         outputs = {k: posterior_average(trainer.model, enc, ext, n, device=trainer.device,
-                                        precision=trainer.tcfg.precision, session=i)
+                                        precision=trainer.tcfg.precision, **trainer.kw(i))
                    for k, (enc, ext) in splits.items()}
-        path = os.path.join(trainer.run_dir, output_name(s, len(trainer.sessions) > 1))
-        write_outputs(path, outputs, n)
+        write_outputs(os.path.join(trainer.run_dir, trainer.output_name(i)), outputs, n)
         every.append(outputs)
     return every
 
 
 def report(trainer, outputs: list[dict], stopped: str, plots: bool) -> None:
-    """summary.json, the figures and the final lines: validation metrics of the exported rates.
+    """summary.json, the figures and the last lines: validation metrics of the exported rates.
     `stopped`: why training ended (a Stop's label, or "search" for src.tune's best member)."""
-    sessions, run_dir = trainer.sessions, trainer.run_dir
-    summary = {"steps": trainer.step, "minutes": round(trainer.elapsed / 60, 2),
-               "stopped": stopped, "selected_on": f"valid_{selection_key(trainer.mcfg)}"}
+    sessions, run_dir, s = trainer.sessions, trainer.run_dir, trainer.state
+    summary = {"steps": s.step, "minutes": round(s.elapsed / 60, 2), "stopped": stopped,
+               "selected_on": f"valid_{selection_key(trainer.mcfg)}"}
     each = [rate_metrics(out["valid"]["rates"], s.valid) for s, out in zip(sessions, outputs)]
-    valid = each[0] if len(each) == 1 else over_sessions(sessions, each)
-    summary.update({f"valid_{k}": v for k, v in valid.items()})
+    summary.update({f"valid_{k}": v for k, v in trainer.overall(each).items()})
     atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     if plots:
-        from src import plots as figures  # matplotlib is slow to import; only when drawing
+        from src import plots as figures  # matplotlib is slow to import: only when drawing
 
-        figures.make_all(run_dir, sessions, trainer.rows, outputs)
+        figures.make_all(run_dir, sessions, s.rows, outputs)
     print(f"done: {run_dir}, valid metrics of the posterior-averaged rates (best checkpoint):")
     print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                            for k, v in summary.items()))
 
 
+def analyses(trainer, plots: bool) -> None:
+    """What a session file asks for after training, imported only then: the merged rates of a
+    chopped recording (src/chop.py), behaviour decoded from the rates (src/decode.py)."""
+    extras = {e for s in trainer.sessions for e in s.extras}
+    if "chopped" in extras:
+        from src.chop import merge_run
+
+        for path in merge_run(trainer.run_dir):
+            print(f"{path}: the segments merged back into continuous series (merged_rates, "
+                  "merged_times; docs/your_data.md)")
+    if "behaviour" in extras:
+        from src.decode import decode_run, has_behaviour, report
+
+        if any(has_behaviour(s.path) for s in trainer.sessions):
+            try:
+                result = decode_run(trainer.run_dir, plots=plots)
+            except DataError as e:  # the run is complete; only the decoding is not
+                print(f"note: no decoding: {e}", file=sys.stderr)
+                return
+            print("decoded from the rates (docs/decoding.md):\n" + report(result))
+
+
 def write_config(run_dir: str, mcfg: LFADSConfig, tcfg: TrainConfig, sessions: list) -> None:
-    """config.json: both configs and the session file (a list of them when stitched), enough
-    to rebuild the model."""
+    """config.json: both configs and the session file (a list when stitched), enough to
+    rebuild the model."""
     paths = [s.path for s in sessions]
     cfg = {"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg),
            "data": paths if len(paths) > 1 else paths[0]}
     atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(cfg, indent=2) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# the flags: every config field, its help the comment beside it
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = FlagParser(prog="python -m src.main", description=__doc__,
+                   usage="%(prog)s [--flag VALUE ...]   (every flag is optional)")
+    p.add_argument("--data", help="a session .h5 file, or a quoted glob of several: one "
+                   "stitched model (default: every file in --data-dir)")
+    p.add_argument("--ins", help="an insertion id: trains on <data-dir>/<ins>.h5")
+    p.add_argument("--data-dir", default="data", help="folder of session files (default: data)")
+    p.add_argument("--results-dir", default="results", help="where run folders go "
+                   "(default: results)")
+    p.add_argument("--run", help="run folder name (default: <session>_<date>_<time>; under "
+                   "torchrun, which reads --run itself, say --run-name)")
+    p.add_argument("--run-name", dest="run", help=argparse.SUPPRESS)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--no-plots", action="store_true", help="skip the figures")
+    config_flags(p, "model (LFADSConfig in src/model.py)", LFADSConfig)
+    config_flags(p, "training (TrainConfig in src/trainer.py)", TrainConfig)
+    return p
+
+
+def field_comments(cls) -> dict:
+    """{field: the comment on its line in the dataclass' source}: each flag's help."""
+    found = re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)
+    return dict(found)
+
+
+def config_flags(p: argparse.ArgumentParser, title: str, cls) -> None:
+    """--field-name for every field but the data sizes; --field_name too, unlisted."""
+    g, comments = p.add_argument_group(title), field_comments(cls)
+    choices = {"precision": ("fp32", "bf16")}
+    for f in dataclasses.fields(cls):
+        if f.name in DATA_SIZES:
+            continue
+        text = f"{comments[f.name]} (default: {f.default})".replace("%", "%%")
+        flag, kw = "--" + f.name.replace("_", "-"), {"dest": f.name, "default": None}
+        if f.type in (bool, "bool"):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=text, **kw)
+            kind = parse_bool
+        else:
+            kind = type(f.default)
+            metavar = "{auto,cpu,cuda,cuda:N,mps}" if f.name == "device" else kind.__name__.upper()
+            g.add_argument(flag, type=kind, choices=choices.get(f.name), help=text,
+                           metavar=None if f.name in choices else metavar, **kw)
+        if "_" in f.name:
+            g.add_argument("--" + f.name, type=kind, help=argparse.SUPPRESS, **kw)
+
+
+def parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
+
+
+def overrides(args, cls) -> dict:
+    """The fields of `cls` given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.name not in DATA_SIZES and getattr(args, f.name) is not None}
+
+
+def check_settings(mcfg: LFADSConfig, tcfg: TrainConfig, n_proc: int = 1) -> None:
+    """Settings that cannot train, refused before a run folder exists."""
+    sizes = ["ic_enc_dim", "ic_dim", "gen_dim", "fac_dim"]
+    sizes += ["ci_enc_dim", "con_dim"] if mcfg.co_dim > 0 else []
+    for cfg, names in ((mcfg, sizes), (tcfg, ["batch_size", "eval_every"])):
+        for k in names:
+            if getattr(cfg, k) < 1:
+                raise DataError(f"{flag(k)} {getattr(cfg, k)}: must be at least 1")
+    if mcfg.co_dim < 0:
+        raise DataError(f"--co-dim {mcfg.co_dim}: must be 0 (no controller) or more")
+    for cfg in (mcfg, tcfg):
+        for f in dataclasses.fields(cfg):
+            if f.type in (float, "float"):
+                check_float(f.name, getattr(cfg, f.name))
+    if tcfg.batch_size % n_proc:  # equal shares, or the mean gradient is not the batch's
+        raise DataError(f"--batch-size {tcfg.batch_size} does not split evenly over {n_proc} "
+                        "processes")
+    dev = tcfg.device.split(":")[0]
+    if dev not in ("auto", "cpu", "cuda", "mps"):
+        raise DataError(f"--device {tcfg.device}: expected auto, cpu, cuda (or cuda:N) or mps")
+    if (dev == "cuda" and not torch.cuda.is_available()) or (dev == "mps" and not has_mps()):
+        raise DataError(f"--device {tcfg.device}: this torch build sees no such device; "
+                        "use --device auto or cpu")
+
+
+def check_float(name: str, v: float) -> None:
+    """Shares lie in [0, 1), these must be positive, lr_decay in (0, 1], the rest >= 0."""
+    shares = ("dropout", "cd_rate", "sv_rate", "smoothing")
+    positive = ("ic_prior_var", "co_prior_tau", "co_prior_nvar", "cell_clip", "lr", "adam_eps",
+                "grad_clip")
+    if not math.isfinite(v):
+        raise DataError(f"{flag(name)} {v}: must be a finite number")
+    if name in shares and not 0 <= v < 1:
+        raise DataError(f"{flag(name)} {v:g}: must be at least 0 and below 1")
+    if name in positive and not v > 0:
+        raise DataError(f"{flag(name)} {v:g}: must be above 0")
+    if name == "lr_decay" and not 0 < v <= 1:
+        raise DataError(f"{flag(name)} {v:g}: must be above 0 and at most 1")
+    if not v >= 0:
+        raise DataError(f"{flag(name)} {v:g}: must be 0 or more")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""How good are the rates? Bits per spike (NLB) and R2 against ground truth.
+"""How good are the rates? Bits per spike (NLB) and R2 against ground truth; the model run
+over a split: validation during training, posterior averages and lfads_output.h5 after it.
 
-All functions take numpy arrays of shape (trials, T, N): `rates` are expected counts per bin.
+The metrics take numpy arrays of shape (trials, T, N): `rates` are expected counts per bin.
 """
 
 import csv
 import io
 
+import h5py
 import numpy as np
+import torch
 
-from src.utils import atomic_write_text
+from src.utils import atomic_path, atomic_write_text, autocast
 
 
 def poisson_ll(counts, rates):
@@ -81,20 +84,6 @@ def rate_metrics(rates, split) -> dict:
     return m
 
 
-def over_sessions(sessions, each: list[dict]) -> dict:
-    """Validation metrics of stitched sessions, `each` one dict per session: overall ones
-    first (loss terms per trial over all the sessions' trials, the other metrics the mean over
-    the sessions that have them), then each session's under '<name>_<key>'."""
-    n = np.array([len(s.valid) for s in sessions], float)
-    out = {}
-    for key in dict.fromkeys(k for m in each for k in m):
-        vals = [m.get(key, np.nan) for m in each]
-        out[key] = float(np.dot(vals, n) / n.sum() if key in LOSS_TERMS else np.nanmean(vals))
-    for s, m in zip(sessions, each):
-        out.update({f"{s.name}_{k}": v for k, v in m.items()})
-    return out
-
-
 def write_csv(path: str, rows: list[dict]) -> None:
     """Rows of metrics as a CSV file, atomically; a column for every key of any row."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -103,3 +92,76 @@ def write_csv(path: str, rows: list[dict]) -> None:
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(path, buf.getvalue())
+
+
+# -----------------------------------------------------------------------------
+# the model over a split
+
+# lfads_output.h5's names -> src.model.Output's attributes (docs/design.md, The run folder)
+FIELDS = {"rates": "log_rates", "factors": "factors", "gen_states": "gen_states",
+          "co_means": "co_mean", "ic_mean": "ic_mean", "ic_std": "ic_std"}
+
+
+@torch.no_grad()
+def evaluate(model, split, device, precision: str = "fp32", sv=None, batch_size: int = 512,
+             **kw) -> dict:
+    """Validation: loss terms at one posterior sample (an honest ELBO estimate) and metrics of
+    the rates at the posterior means, over a whole split. sv: the split's sample-validation
+    mask, (trials, T_enc, N_in) bool or None, hidden from the encoders for the loss terms
+    only. kw: a stitched model's session (src/stitch.py)."""
+    model.eval()
+    totals, rates = {}, []
+    for i in range(0, len(split), batch_size):
+        enc = split.encod[i : i + batch_size].to(device)
+        rec = split.recon[i : i + batch_size].to(device)
+        ext = None if split.ext is None else split.ext[i : i + batch_size].to(device)
+        m = None if sv is None else sv[i : i + batch_size].to(device)
+        with autocast(device, precision):
+            losses = model(enc, rec, ext, sample=True, sv_mask=m, **kw).losses
+            out = model(enc, ext=ext, sample=False, **kw)
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + v.item() * len(enc)
+        rates.append(torch.exp(out.log_rates).cpu().numpy())
+    m = {k: v / len(split) for k, v in totals.items()}
+    m.update(rate_metrics(np.concatenate(rates), split))
+    return m
+
+
+@torch.no_grad()
+def posterior_average(model, encod, ext=None, n_samples: int = 50, batch_size: int = 256,
+                      device="cpu", precision: str = "fp32", **kw) -> dict:
+    """Average every output over `n_samples` posterior samples (0: use posterior means).
+
+    lfads-torch averages 50 samples; the mean of sampled rates differs from the rate of the
+    mean path because the map to rates is non-linear. Works batch by batch, so memory stays
+    flat however many trials the split has. Returns numpy arrays, rates as counts per bin."""
+    model.eval()
+    sums = {k: [] for k in FIELDS}
+    for i in range(0, len(encod), batch_size):
+        x = encod[i : i + batch_size].to(device)
+        e = None if ext is None else ext[i : i + batch_size].to(device)
+        acc = {}
+        for _ in range(max(n_samples, 1)):
+            with autocast(device, precision):
+                out = model(x, ext=e, sample=n_samples > 0, **kw)
+            for key, attr in FIELDS.items():
+                v = getattr(out, attr)
+                if v is None:
+                    continue
+                v = torch.exp(v) if key == "rates" else v
+                acc[key] = acc.get(key, 0) + v
+        for key, v in acc.items():
+            sums[key].append((v / max(n_samples, 1)).cpu().numpy())
+    return {k: np.concatenate(v) for k, v in sums.items() if v}
+
+
+def write_outputs(path: str, outputs: dict, n_samples: int) -> None:
+    """outputs: {split: {field: array}} -> keys '{split}_{field}', written atomically."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for split, fields in outputs.items():
+            for key, value in fields.items():
+                f.create_dataset(f"{split}_{key}", data=value.astype(np.float32),
+                                 compression="gzip")
+        f.attrs["averaging"] = "posterior_samples" if n_samples > 0 else "posterior_mean"
+        f.attrs["n_samples"] = n_samples
+        f.attrs["rates_unit"] = "expected spike count per bin"

@@ -2,19 +2,16 @@
 
 Sussillo et al. 2016 (arXiv:1608.06315) and Pandarinath et al. 2018 (Nature Methods 15:805).
 A sequential variational auto-encoder for spike trains: encoders read a trial of spike counts
-and infer an initial condition for a generator RNN (and, through a controller, small inputs
-to it over time); the generator's state is read out as a few factors, and the factors as a
-Poisson rate for every neuron in every bin.
+and infer an initial condition for a generator RNN (and, through a controller, small inputs to
+it over time); the generator's state is read out as a few factors, and the factors as a
+Poisson rate for every neuron in every bin. Read `LFADS.forward`, then `LFADS.losses`.
 
 Legend, used in every shape comment:
     B trials in a batch       T_enc bins the encoders see   T_rec >= T_enc bins reconstructed
     N_in held-in neurons      N >= N_in neurons reconstructed (held-out columns last)
     E external inputs         H a GRU's hidden units       F factors    U inferred inputs
-    R shared encoder input of several stitched sessions (readin_dim)
 
-Several sessions (stitching): each session s has its own N_in and N; a linear read-in maps its
-held-in counts to R shared dimensions that the encoders read, and its own read-out maps the
-shared factors to its N neurons. Encoders, controller and generator are shared.
+Several sessions share one model through src/stitch.py (a read-in and read-out per session).
 """
 
 import math
@@ -29,59 +26,43 @@ LOG_2PI = math.log(2 * math.pi)
 
 @dataclass
 class LFADSConfig:
-    # data sizes: filled in from the session file (src/data.py), not set by hand
+    # data sizes, filled in from the session file
     n_in: int = 0  # N_in, held-in neurons the encoders read
     n_out: int = 0  # N, neurons reconstructed: held-in first, then held-out
     t_enc: int = 0  # T_enc, bins the encoders read
     t_rec: int = 0  # T_rec, bins reconstructed; the last T_rec - T_enc are forward prediction
     ext_dim: int = 0  # E, known external inputs to the generator
-    # several sessions (stitching, Pandarinath et al. 2018): sizes filled in from the files;
-    # n_in and n_out are then 0 and each session has its own read-in and read-out
-    session_n_in: list = field(default_factory=list)  # N_in of each session; [] = one session
+    # several sessions (src/stitch.py); the per-session sizes are filled in from the files
+    session_n_in: list = field(default_factory=list)  # N_in of each session; empty for one
     session_n_out: list = field(default_factory=list)  # N of each session
-    readin_dim: int = 32  # several sessions: dimensions of the shared encoder input that each
-    #                       session's read-in maps its neurons to; unused for one session
-    readin_train: bool = True  # several sessions: train the read-ins (False: keep their
-    #                            principal-component-regression initialisation, src/stitch.py)
-    # network sizes; lfads-torch's NLB MC_Maze values in brackets
-    ic_enc_dim: int = 64  # units per direction of the initial-condition encoder GRU [64]
-    ci_enc_dim: int = 64  # units per direction of the controller-input encoder GRU [64]
-    con_dim: int = 64  # controller GRU units [64]
-    co_dim: int = 4  # U, inferred input dimensions; 0 = autonomous generator, no controller [4]
-    ic_dim: int = 64  # initial-condition latent dimensions [64]
-    gen_dim: int = 100  # generator GRU units [200]; 100 trains the quick start in minutes
-    fac_dim: int = 40  # F, factors, at most the fewest neurons of a session unless given [100]
-    ci_lag: int = 1  # bins: the controller sees the data at t only through t-lag and t+lag [1]
+    readin_dim: int = 32  # several sessions: the shared encoder input each read-in maps to
+    readin_train: bool = True  # several sessions: train the read-ins after their PCR start
+    # network sizes; lfads-torch's NLB MC_Maze values in the comments
+    ic_enc_dim: int = 64  # units per direction of the initial-condition encoder (MC_Maze: 64)
+    ci_enc_dim: int = 64  # units per direction of the controller-input encoder (MC_Maze: 64)
+    con_dim: int = 64  # controller units (MC_Maze: 64)
+    co_dim: int = 4  # U, inferred inputs; 0 = no controller, an autonomous generator (MC_Maze: 4)
+    ic_dim: int = 64  # initial-condition latent dimensions (MC_Maze: 64)
+    gen_dim: int = 100  # generator units (MC_Maze: 200; 100 trains the quick start in minutes)
+    fac_dim: int = 40  # F, factors; at most a session's fewest neurons if not given (MC_Maze: 100)
+    ci_lag: int = 1  # bins: the controller reads bin t only through t-lag and t+lag (MC_Maze: 1)
     # regularisation
-    dropout: float = 0.3  # probability, on encoder input, IC encoding, controller input and
-    #                       the generator state read by the factors [0.3]
-    cd_rate: float = 0.3  # coordinated dropout: share of input elements hidden per step [0.3]
-    sv_rate: float = 0.0  # sample validation: share of input elements held out of training by
-    #                       a fixed mask (src/trainer.py), their cost logged as recon_sv to see
-    #                       over-fitting without ground truth [lfads-torch on real data: ~0.1]
-    ic_prior_var: float = 0.1  # fixed variance of the IC prior N(learnable mean, var) [0.1]
-    ic_post_var_min: float = 1e-4  # floor added to the IC posterior variance [1e-4]
+    dropout: float = 0.3  # on encoder input, IC encoding, controller input, factors (MC_Maze: 0.3)
+    cd_rate: float = 0.3  # coordinated dropout: share of input hidden at each step (MC_Maze: 0.3)
+    sv_rate: float = 0.0  # sample validation: share of input elements never trained on
+    ic_prior_var: float = 0.1  # variance of the IC prior N(learnable mean, var) (refs: 0.1)
+    ic_post_var_min: float = 1e-4  # floor added to the IC posterior variance (refs: 1e-4)
     co_post_var_min: float = 1e-4  # floor added to the inferred-input posterior variance
-    co_prior_tau: float = 10.0  # bins, initial time constant of the AR(1) input prior [10]
-    co_prior_nvar: float = 0.1  # initial innovation (step-to-step) variance of the AR(1) input
-    #                             prior; its stationary variance is nvar / (1 - a^2), 0.55 at
-    #                             tau 10 [0.1, lfads-torch nvar, TF LFADS prior_ar_nvar]
-    cell_clip: float = 5.0  # bound on generator and controller states, applied after every
-    #                        step (TF LFADS cell_clip_value, lfads-torch cell_clip: 5)
-    # loss weights; the reconstruction is in nats per trial (summed over bins and neurons).
-    # With cd_rate 0, KL scales of 1 make the loss the negative ELBO (TF LFADS). Coordinated
-    # dropout lets only the hidden cd_rate share of held-in elements carry reconstruction
-    # gradient, so there the KL weighs about 1 / cd_rate times its ELBO weight. The defaults
-    # weigh it far lighter, as lfads-torch's NLB configurations do (1e-7 on its per-element
-    # mean, about 3e-4 of the ELBO's weight): the full weight trains slowly and underfits on
-    # shallow modulation (docs/panel.md); dropout, coordinated dropout and the plateau stop
-    # keep the light KL from over-fitting
-    kl_ic_scale: float = 0.01  # weight of the IC KL, on nats per trial [TF LFADS: 1]
-    kl_co_scale: float = 0.01  # weight of the inferred-input KL, on nats per trial [TF: 1]
-    l2_gen_scale: float = 0.0  # L2 weight of the generator's recurrent matrix: scale x 0.5
-    #                            x sum of squares / entries of the penalised matrices [TF: 2000,
-    #                            lfads-torch NLB: 0]
-    l2_con_scale: float = 0.0  # the same for the controller's recurrent matrix [TF: 0]
+    co_prior_tau: float = 10.0  # bins: first time constant of the AR(1) input prior (refs: 10)
+    co_prior_nvar: float = 0.1  # first innovation variance of the AR(1) input prior (refs: 0.1)
+    cell_clip: float = 5.0  # generator and controller states clamped to +-this a step (refs: 5)
+    # loss weights, on a reconstruction in nats per trial (summed over bins and neurons): 1 is
+    # the ELBO's KL weight (TF LFADS); the lighter default is a beta-VAE, as lfads-torch's
+    # (docs/hyperparameters.md converts between the two)
+    kl_ic_scale: float = 0.01  # weight of the IC KL (TF LFADS: 1)
+    kl_co_scale: float = 0.01  # weight of the inferred-input KL (TF LFADS: 1)
+    l2_gen_scale: float = 0.0  # L2 weight on the generator's recurrent matrix (TF LFADS: 2000)
+    l2_con_scale: float = 0.0  # L2 weight on the controller's recurrent matrix (TF LFADS: 0)
 
 
 # -----------------------------------------------------------------------------
@@ -100,10 +81,10 @@ def kl_normal(mean_q, var_q, mean_p, var_p):
 def ar1_logprob(u, log_tau, log_nvar):
     """log p(u) under independent AR(1) processes, one per input dimension; u: (B, T, U).
 
-    u_t | u_{t-1} ~ N(a u_{t-1}, nvar) with a = exp(-1/tau) and nvar the innovation variance;
-    u_0 ~ N(0, nvar / (1 - a^2)), the stationary variance, so every step has that marginal.
-    The prior of TF LFADS (prior_ar_nvar) and lfads-torch (AutoregressiveMultivariateNormal),
-    parametrised as there by log tau and log nvar. Returns (B,): summed over time and dimensions.
+    u_t | u_{t-1} ~ N(a u_{t-1}, nvar), a = exp(-1/tau), nvar the innovation variance, and
+    u_0 ~ N(0, nvar / (1 - a^2)), the stationary variance (0.55 at tau 10, nvar 0.1). The prior
+    of TF LFADS (prior_ar_nvar) and lfads-torch (AutoregressiveMultivariateNormal), learnable
+    through log tau and log nvar. Returns (B,): summed over time and dimensions.
     """
     alpha, nvar = torch.exp(-torch.exp(-log_tau)), torch.exp(log_nvar)  # (U,), (U,)
     lp0 = normal_logprob(u[:, 0], 0.0, nvar / (1 - alpha**2))  # (B, U)
@@ -112,16 +93,14 @@ def ar1_logprob(u, log_tau, log_nvar):
 
 
 def pad_like(mask, counts):
-    """A (B, T_enc, N_in) bool mask of encoder input, False-padded to the (B, T_rec, N) of the
-    reconstructed counts: held-out neurons and forward-prediction bins are never input. Sizes
-    come from the tensors, not the config: they differ between stitched sessions."""
+    """A (B, T_enc, N_in) mask of encoder input, False-padded to the (B, T_rec, N) of `counts`:
+    held-out neurons and forward-prediction bins are never input."""
     pad = (0, counts.shape[2] - mask.shape[2], 0, counts.shape[1] - mask.shape[1])
     return F.pad(mask.float(), pad) > 0
 
 
 def log_factorial(k):
-    """log k! of integer-valued counts, through a table: lgamma over every element of a batch
-    costs more on a CPU than all the dropout masks of a step."""
+    """log k! of integer-valued counts, by table lookup (docs/performance.md)."""
     table = torch.lgamma(torch.arange(int(k.max()) + 2, device=k.device, dtype=k.dtype))
     return table[1:][k.long()]
 
@@ -131,51 +110,43 @@ def log_factorial(k):
 
 
 class GRUCell(nn.Module):
-    """A GRU step with the input projection done by the caller, for all steps at once.
+    """A GRU step whose input projection the caller makes for all steps at once.
 
         r, z = sigmoid(W_ir x + b_ir + W_hr h + b_hr),  sigmoid(W_iz x + b_iz + W_hz h + b_hz)
         n    = tanh(W_in x + b_in + r * (W_hn h + b_hn))
         h'   = clamp(z * h + (1 - z) * n, -clip, clip)
 
-    This is torch.nn.GRU's (and cuDNN's) form, with the reset gate after the recurrent product;
-    TF LFADS and lfads-torch put it before (W_hn (r * h)). Both are GRUs (Cho et al. 2014
-    discuss both); we take torch's so that the fused bidirectional encoders and these
-    per-step cells are one and the same definition, tested against torch.nn.GRUCell, and so
-    that a step needs one matrix product instead of two.
+    torch.nn.GRU's form, the reset gate after the recurrent product; TF LFADS and lfads-torch
+    put it before (W_hn (r * h)). Both are GRUs (Cho et al. 2014); torch's lets the fused
+    encoders and these cells share one definition and costs one matrix product a step.
     """
 
     def __init__(self, input_size: int, hidden_size: int, clip: float = math.inf):
         super().__init__()
-        self.clip = clip  # the references clamp generator and controller states (cell_clip)
-        ref = nn.GRUCell(input_size, hidden_size)  # borrow torch's default initialisation
+        self.clip = clip
+        ref = nn.GRUCell(input_size, hidden_size)  # torch's default initialisation
         self.weight_ih, self.weight_hh = ref.weight_ih, ref.weight_hh  # (3H, in), (3H, H)
         self.bias_ih, self.bias_hh = ref.bias_ih, ref.bias_hh  # (3H,), (3H,)
         init_gate_bias(self.bias_ih, hidden_size)
-        # an autonomous generator (no inferred or external inputs) has an empty (3H, 0) input
-        # matrix: nothing to learn, and DistributedDataParallel would wait for its gradient
+        # a generator without inputs has an empty (3H, 0) matrix: nothing to learn
         self.weight_ih.requires_grad_(input_size > 0)
 
     def project(self, x):
         return F.linear(x, self.weight_ih, self.bias_ih)  # (..., in) -> (..., 3H)
 
     def forward(self, x_proj, h):
+        # split, addcmul and lerp: fewer kernels and autograd nodes (docs/performance.md)
         hh = torch.addmm(self.bias_hh, h, self.weight_hh.t())  # (B, 3H)
-        # split, not slices: the backward of a split is one concatenation, while each slice
-        # would fill a zero tensor of the full size and copy its gradient into it
         x_rz, x_n = x_proj.split([2 * h.shape[1], h.shape[1]], dim=1)  # (B, 2H), (B, H)
         h_rz, h_n = hh.split([2 * h.shape[1], h.shape[1]], dim=1)
         r, z = torch.sigmoid(x_rz + h_rz).chunk(2, dim=1)  # (B, H) each
-        # fused forms, one kernel and one autograd node each instead of two or three:
-        # addcmul(a, b, c) = a + b * c, lerp(n, h, z) = n + z * (h - n)
-        # (lerp wants one dtype: under bf16 autocast n and z are bf16, the state stays float32)
-        n = torch.tanh(torch.addcmul(x_n, r, h_n))
-        h = torch.lerp(n.type_as(h), h, z.type_as(h))
+        n = torch.tanh(torch.addcmul(x_n, r, h_n))  # x_n + r * h_n
+        h = torch.lerp(n.type_as(h), h, z.type_as(h))  # z * h + (1 - z) * n
         return h if self.clip == math.inf else h.clamp(-self.clip, self.clip)
 
 
 def init_gate_bias(bias, hidden_size):
-    # reset and update gates start at bias 1: the update gate then keeps most of the state
-    # (TF LFADS's forget bias of 1; lfads-torch sets both gates so)
+    # reset and update gates start at 1, so the state is mostly kept (TF LFADS, lfads-torch)
     with torch.no_grad():
         bias[: 2 * hidden_size] = 1.0
 
@@ -201,7 +172,7 @@ class Output:
     co_mean: torch.Tensor | None  # (B, T_rec, U) inferred-input posterior means
     co_std: torch.Tensor | None  # (B, T_rec, U)
     u: torch.Tensor | None  # (B, T_rec, U) the inputs the generator received
-    losses: dict | None = None  # loss terms, nats per trial (see LFADS.losses)
+    losses: dict | None = None  # loss terms, nats per trial (LFADS.losses)
 
     def float(self) -> "Output":
         """Every tensor in float32: under bfloat16 autocast the matrix products return bf16."""
@@ -212,21 +183,17 @@ class Output:
 class LFADS(nn.Module):
     def __init__(self, cfg: LFADSConfig):
         super().__init__()
-        self.stitched = len(cfg.session_n_in) > 0
-        n_in = cfg.readin_dim if self.stitched else cfg.n_in  # what the encoders read
-        sizes = zip(cfg.session_n_in, cfg.session_n_out) if self.stitched else [(n_in, cfg.n_out)]
-        assert all(0 < a <= b for a, b in sizes) and cfg.t_rec >= cfg.t_enc > 0, cfg
-        assert not self.stitched or len(cfg.session_n_in) == len(cfg.session_n_out) and n_in > 0
+        assert cfg.n_in > 0 and cfg.t_rec >= cfg.t_enc > 0, cfg
         self.cfg = cfg
-        # encoders: bidirectional GRUs over the held-in spike counts (or their read-ins)
-        self.ic_enc = bidirectional_gru(n_in, cfg.ic_enc_dim)
+        # encoders: bidirectional GRUs over the held-in spike counts
+        self.ic_enc = bidirectional_gru(cfg.n_in, cfg.ic_enc_dim)
         self.ic_post = nn.Linear(2 * cfg.ic_enc_dim, 2 * cfg.ic_dim)  # -> mean, log variance
         if cfg.co_dim > 0:
-            self.ci_enc = bidirectional_gru(n_in, cfg.ci_enc_dim)
+            self.ci_enc = bidirectional_gru(cfg.n_in, cfg.ci_enc_dim)
             self.con = GRUCell(2 * cfg.ci_enc_dim + cfg.fac_dim, cfg.con_dim, cfg.cell_clip)
             self.con_h0 = nn.Parameter(torch.zeros(cfg.con_dim))
             self.co_post = nn.Linear(cfg.con_dim, 2 * cfg.co_dim)  # -> mean, log variance
-            # AR(1) prior on inferred inputs, learnable per dimension (lfads-torch MultiVariateAR1)
+            # the AR(1) prior of the inferred inputs, learnable per dimension
             ones = torch.ones(cfg.co_dim)
             self.co_prior_log_tau = nn.Parameter(ones * math.log(cfg.co_prior_tau))
             self.co_prior_log_nvar = nn.Parameter(ones * math.log(cfg.co_prior_nvar))
@@ -234,25 +201,27 @@ class LFADS(nn.Module):
         self.ic_to_g0 = nn.Linear(cfg.ic_dim, cfg.gen_dim)
         self.gen = GRUCell(cfg.co_dim + cfg.ext_dim, cfg.gen_dim, cfg.cell_clip)
         self.fac = nn.Linear(cfg.gen_dim, cfg.fac_dim, bias=False)
-        if not self.stitched:
-            self.readout = nn.Linear(cfg.fac_dim, cfg.n_out)
         self.ic_prior_mean = nn.Parameter(torch.zeros(cfg.ic_dim))
-        if self.stitched:  # created last: one session's weights draw the same numbers as ever
-            # read-ins with a bias: the PCR initialisation (src/stitch.py) centres each
-            # session's counts through it
-            self.readin = nn.ModuleList(nn.Linear(n, cfg.readin_dim) for n in cfg.session_n_in)
-            self.readin.requires_grad_(cfg.readin_train)
-            self.readout = nn.ModuleList(nn.Linear(cfg.fac_dim, n) for n in cfg.session_n_out)
+        self.make_readout()
 
-    def readout_of(self, session: int) -> nn.Linear:
-        return self.readout[session] if self.stitched else self.readout
+    def make_readout(self):
+        assert self.cfg.n_out >= self.cfg.n_in, self.cfg
+        self.readout = nn.Linear(self.cfg.fac_dim, self.cfg.n_out)  # factors -> log rates
+
+    def read_in(self, x):
+        return x  # one session: the encoders read the counts themselves
+
+    def read_out(self, f):
+        return self.readout(f)  # (B, T_rec, F) -> (B, T_rec, N)
+
+    def init_readout_bias(self, mean_counts: torch.Tensor):
+        """Start each neuron's log rate at its mean count per bin: training skips a slow phase."""
+        with torch.no_grad():
+            self.readout.bias.copy_(torch.log(mean_counts.clamp_min(1e-3)))
 
     def keep_mask(self, *shape, device=None) -> torch.Tensor:
         """Dropout as a multiplier: 0 with probability p, else 1 / (1 - p); all ones in eval.
-
-        nn.Dropout draws Bernoulli samples, which on a CPU cost three times as much as the
-        uniform ones drawn here; masks for every time step are drawn at once for the same reason.
-        """
+        Drawn from uniforms, all steps at once (docs/performance.md)."""
         p = self.cfg.dropout
         if not self.training or p == 0:
             return torch.ones((), device=device).expand(shape)
@@ -261,15 +230,42 @@ class LFADS(nn.Module):
     def dropout(self, x):
         return x * self.keep_mask(*x.shape, device=x.device)
 
-    def init_readout_bias(self, mean_counts: torch.Tensor, session: int = 0):
-        """Start each neuron's log rate at its mean count per bin: training skips a slow phase."""
-        with torch.no_grad():
-            self.readout_of(session).bias.copy_(torch.log(mean_counts.clamp_min(1e-3)))
+    # --- the whole pass ------------------------------------------------------------
+
+    def forward(self, encod, recon=None, ext=None, sample: bool = True, sv_mask=None) -> Output:
+        """encod: (B, T_enc, N_in) counts; recon: (B, T_rec, N) counts, for the loss; ext:
+        (B, T_rec, E). `sample` draws from the posteriors, else takes their means. sv_mask:
+        (B, T_enc, N_in) bool, True where an element is held out for sample validation."""
+        cfg = self.cfg
+        x = encod.float()
+        if sv_mask is not None:
+            # sample validation (lfads-torch): the encoders never see these elements; scaled
+            # like dropout, so the whole input after training has the same mean
+            x = x * ~sv_mask / (1 - cfg.sv_rate)
+        cd_keep = None
+        if self.training and cfg.cd_rate > 0:
+            # coordinated dropout (Keshtkaran & Pandarinath 2019): hide a random share of the
+            # input and learn, in the loss, only from what was hidden
+            cd_keep = torch.rand_like(x) >= cfg.cd_rate
+            x = x * cd_keep / (1 - cfg.cd_rate)
+        x = self.read_in(self.dropout(x))
+        ic_mean, ic_std = self.encode_ic(x)  # the posterior q(z | x), (B, ic_dim) each
+        ic = ic_mean + ic_std * torch.randn_like(ic_std) if sample else ic_mean
+        ci = self.encode_ci(x) if cfg.co_dim else None  # (B, T_rec, 2 H_ci)
+        gens, facs, co_mean, co_std, u = self.generate(ic, ci, ext, sample)
+        log_rates = self.read_out(facs)  # (B, T_rec, F) -> (B, T_rec, N)
+        out = Output(log_rates, facs, gens, ic_mean, ic_std, co_mean, co_std, u).float()
+        if recon is not None:
+            # the loss in float32 even under autocast: bfloat16's 8-bit mantissa loses the last
+            # digits of a likelihood summed over thousands of bins
+            with torch.autocast(x.device.type, enabled=False):
+                out.losses = self.losses(out, recon, cd_keep, sv_mask, n_in=encod.shape[2])
+        return out
 
     # --- encoders ------------------------------------------------------------
 
     def encode_ic(self, x):
-        _, h_n = self.ic_enc(x)  # h_n: (2, B, H_ic), final forward and backward states
+        _, h_n = self.ic_enc(x)  # h_n: (2, B, H_ic), the final forward and backward states
         h = self.dropout(torch.cat([h_n[0], h_n[1]], dim=1))  # (B, 2 H_ic)
         mean, logvar = self.ic_post(h).chunk(2, dim=1)  # (B, ic_dim) each
         return mean, torch.sqrt(torch.exp(logvar) + self.cfg.ic_post_var_min)
@@ -282,10 +278,10 @@ class LFADS(nn.Module):
         fwd, bwd = out[..., : cfg.ci_enc_dim], out[..., cfg.ci_enc_dim :]
         lag = cfg.ci_lag
         if lag > 0:
-            fwd = F.pad(fwd, (0, 0, lag, 0))[:, :-lag]  # state of t - lag at t
-            bwd = F.pad(bwd, (0, 0, 0, lag))[:, lag:]  # state of t + lag at t
+            fwd = F.pad(fwd, (0, 0, lag, 0))[:, :-lag]  # the state of t - lag at t
+            bwd = F.pad(bwd, (0, 0, 0, lag))[:, lag:]  # the state of t + lag at t
         ci = torch.cat([fwd, bwd], dim=2)
-        return F.pad(ci, (0, 0, 0, cfg.t_rec - cfg.t_enc))  # zeros over forward-prediction bins
+        return F.pad(ci, (0, 0, 0, cfg.t_rec - cfg.t_enc))  # zeros over forward prediction
 
     # --- generator and controller ------------------------------------------------
 
@@ -297,13 +293,14 @@ class LFADS(nn.Module):
             g_t = GRU_gen([u_t, ext_t], g_{t-1})         generator
             f_t = W_fac g_t                              factors
 
-        with dropout on f_{t-1} and g_t, g_0 = W_ic z and f_0 = W_fac g_0. Returns g, f and u's
-        posterior means, stds and samples, each (B, T_rec, .); the last three None when co_dim
-        is 0. The recurrence stays in one loop, so that it reads as the four lines above."""
+        with dropout on f_{t-1} and g_t, g_0 = W_ic z, f_0 = W_fac g_0, and W_fac's rows of unit
+        norm. Returns g, f and u's posterior means, stds and samples, each (B, T_rec, .); the
+        last three None when co_dim is 0. Input projections of all steps are made before the
+        loop, one product each (docs/performance.md)."""
         cfg = self.cfg
         B, T, U = ic.shape[0], cfg.t_rec, cfg.co_dim
         g = self.ic_to_g0(ic)  # (B, H_gen), g_0: unclipped, as in the references
-        w_fac = F.normalize(self.fac.weight, dim=1)  # (F, H_gen): unit-norm rows, as in the refs
+        w_fac = F.normalize(self.fac.weight, dim=1)  # (F, H_gen)
         keep_g = self.keep_mask(T + 1, B, cfg.gen_dim, device=g.device)  # (T_rec + 1, B, H_gen)
         gen_in, gen_w_u = self.generator_inputs(ext, B)  # T_rec x (B, 3 H_gen), (3 H_gen, U)
         if U:
@@ -329,17 +326,13 @@ class LFADS(nn.Module):
                 facs.append(f)
         stack = lambda xs: torch.stack(xs, dim=1) if xs else None  # noqa: E731  T x (B, D) -> (B, T, D)
         gens = stack(gens)  # (B, T_rec, H_gen)
-        # without a controller nothing inside the loop needs the factors: one product for all
+        # without a controller nothing in the loop needs the factors: one product for all
         facs = stack(facs) if U else F.linear(gens * keep_g[1:].transpose(0, 1), w_fac)
         return gens, facs, stack(co_means), stack(co_stds), stack(us)
 
-    # The next two project the inputs of all steps in one product each, outside the time loop,
-    # and split them with unbind: each [:, t] would scatter its gradient into a zero tensor of
-    # the whole (B, T, .) size, T^2 work (docs/performance.md measures the whole fast path).
-
     def generator_inputs(self, ext, B: int) -> tuple:
-        """The generator's input projection of every step but that of u_t (which the controller
-        makes inside the loop): T_rec x (B, 3 H_gen), and the matrix of u_t, (3 H_gen, U)."""
+        """The generator's input projection of every step but u_t's (made in the loop):
+        T_rec x (B, 3 H_gen), and the matrix of u_t, (3 H_gen, U)."""
         cfg = self.cfg
         w_u, w_ext = self.gen.weight_ih.split([cfg.co_dim, cfg.ext_dim], dim=1)
         gen_in = self.gen.bias_ih.expand(B, cfg.t_rec, -1)  # (B, T_rec, 3 H_gen)
@@ -348,81 +341,44 @@ class LFADS(nn.Module):
         return gen_in.unbind(1), w_u
 
     def controller_inputs(self, ci) -> tuple:
-        """The controller's input projection of the encoding ci (with dropout) at every step:
+        """The controller's input projection of ci (with dropout) at every step:
         T_rec x (B, 3 H_con), and the matrix of the factors it also reads, (3 H_con, F)."""
         cfg = self.cfg
         w_ci, w_f = self.con.weight_ih.split([2 * cfg.ci_enc_dim, cfg.fac_dim], dim=1)
         con_in = F.linear(self.dropout(ci), w_ci, self.con.bias_ih)  # (B, T_rec, 3 H_con)
         return con_in.unbind(1), w_f
 
-    # --- the whole pass ------------------------------------------------------------
+    # --- the loss ------------------------------------------------------------------
 
-    def forward(self, encod, recon=None, ext=None, sample: bool = True, sv_mask=None,
-                session: int = 0) -> Output:
-        """encod: (B, T_enc, N_in) counts; recon: (B, T_rec, N) counts, for the loss; ext:
-        (B, T_rec, E). `sample` draws from the posteriors, else uses their means. sv_mask:
-        (B, T_enc, N_in) bool, True where an element is held out for sample validation.
-        session: which session's read-in and read-out, when several are stitched."""
+    def losses(self, out: Output, recon, cd_keep=None, sv_mask=None, n_in=None) -> dict:
+        """Loss terms, each in nats per trial (a mean over the batch) before any weight.
+        n_in: held-in neurons, the columns of `recon` the encoders read (default cfg.n_in)."""
         cfg = self.cfg
-        x = encod.float()
-        if sv_mask is not None:
-            # sample validation (lfads-torch): the encoders never see these elements; scaled
-            # like dropout so that the full input, unmasked after training, has the same mean
-            x = x * ~sv_mask / (1 - cfg.sv_rate)
-        cd_keep = None
-        if self.training and cfg.cd_rate > 0:
-            # coordinated dropout (Keshtkaran & Pandarinath 2019): hide a random share of the
-            # input and, in the loss below, learn only from what was hidden
-            cd_keep = torch.rand_like(x) >= cfg.cd_rate
-            x = x * cd_keep / (1 - cfg.cd_rate)
-        x = self.dropout(x)
-        if self.stitched:  # dropout above acts on neurons, as for one session
-            x = self.readin[session](x)  # (B, T_enc, N_in) -> (B, T_enc, R)
-        ic_mean, ic_std = self.encode_ic(x)
-        ic = ic_mean + ic_std * torch.randn_like(ic_std) if sample else ic_mean
-        ci = self.encode_ci(x) if cfg.co_dim else None
-        gens, facs, co_mean, co_std, u = self.generate(ic, ci, ext, sample)
-        log_rates = self.readout_of(session)(facs)  # (B, T_rec, F) -> (B, T_rec, N)
-        out = Output(log_rates, facs, gens, ic_mean, ic_std, co_mean, co_std, u).float()
-        if recon is not None:
-            # the loss in float32 even under autocast: a Poisson likelihood summed over
-            # thousands of bins loses its last digits in bfloat16's 8-bit mantissa
-            with torch.autocast(x.device.type, enabled=False):
-                out.losses = self.losses(out, recon, cd_keep, sv_mask, session)
-        return out
-
-    def losses(self, out: Output, recon, cd_keep=None, sv_mask=None, session: int = 0) -> dict:
-        """Loss terms, each in nats per trial (mean over the batch) before any weight."""
-        cfg = self.cfg
+        n_in = n_in or cfg.n_in
         k = recon.float()
         nll = torch.exp(out.log_rates) - k * out.log_rates + log_factorial(k)  # (B, T_rec, N)
-        n_in = cfg.session_n_in[session] if self.stitched else cfg.n_in
-        t_enc = cfg.t_enc
-        # held-in neurons over encoder bins: what model selection and the plateau stop follow
-        # (src/trainer.py), as it holds neither the held-out neurons nor the forward-prediction
-        # bins that co-bps and fp-bps score
-        terms = {"recon_heldin": nll[:, :t_enc, :n_in].sum((1, 2)).mean().detach()}
+        # held-in neurons over encoder bins: what model selection follows (src/trainer.py); it
+        # holds none of the held-out neurons and forward-prediction bins that are scored
+        terms = {"recon_heldin": nll[:, : cfg.t_enc, :n_in].sum((1, 2)).mean().detach()}
         if sv_mask is not None:
-            # sample validation (lfads-torch SampleValidation): the held-out elements' cost is
-            # logged, never trained on; both parts are scaled by the share they stand for, so
-            # that each is on the scale of the whole held-in block
+            # sample validation: the held-out elements' cost is logged, never trained on; both
+            # parts are scaled to the size of the whole held-in block
             sv = pad_like(sv_mask, k)  # (B, T_enc, N_in) -> (B, T_rec, N)
             heldin = pad_like(torch.ones_like(sv_mask), k)  # the encoder block, (B, T_rec, N)
             rate = cfg.sv_rate
             terms["recon_sv"] = torch.where(sv, nll, 0.0).sum((1, 2)).mean().detach() / rate
             nll = torch.where(sv, 0.0, torch.where(heldin, nll / (1 - rate), nll))
         if cd_keep is not None:
-            # gradient only through elements the encoders did not see; the value is unchanged.
-            # Held-out neurons and forward-prediction bins are never seen, so always count.
+            # gradient only through the elements the encoders did not see; the value unchanged
             seen = pad_like(cd_keep, k)  # (B, T_enc, N_in) -> (B, T_rec, N)
             nll = torch.where(seen, nll.detach(), nll)
         ic_var_p = torch.full_like(out.ic_mean, cfg.ic_prior_var)
         kl_ic = kl_normal(out.ic_mean, out.ic_std**2, self.ic_prior_mean, ic_var_p).sum(1)
         terms.update(recon=nll.sum((1, 2)).mean(), kl_ic=kl_ic.mean())
         if cfg.co_dim:
-            # KL(q || AR1) estimated at the sampled path: the posterior of u_t depends on earlier
-            # samples through the factors, so the KL has no closed form (TF LFADS, lfads-torch).
-            # E_q[log q] is exact per step: minus the Gaussian entropy.
+            # KL(q || AR1) at the sampled path: q(u_t) depends on earlier samples through the
+            # factors, so it has no closed form (TF LFADS, lfads-torch). E_q[log q] is exact
+            # per step: minus the Gaussian entropy.
             neg_entropy = -0.5 * (LOG_2PI + 1 + torch.log(out.co_std**2)).sum((1, 2))
             log_p = ar1_logprob(out.u, self.co_prior_log_tau, self.co_prior_log_nvar)
             terms["kl_co"] = (neg_entropy - log_p).mean()
@@ -432,7 +388,7 @@ class LFADS(nn.Module):
         return terms
 
     def l2_penalty(self):
-        """L2 on the recurrent weights, as TF LFADS and lfads-torch weigh it: the sum over the
+        """L2 on the recurrent weights as TF LFADS and lfads-torch weigh it: the sum over the
         penalised matrices of scale * 0.5 * squared norm, divided by their total entry count."""
         cfg = self.cfg
         mats = [(cfg.l2_gen_scale, self.gen.weight_hh)]

@@ -145,42 +145,6 @@ def make_all(run_dir, sessions, rows, outputs):
     for s, out in zip(sessions, outputs):
         session_figures(run_dir, s, out, suffix=f"_{s.name}" if several else "")
     if several:
+        from src.stitch import shared_factors
+
         shared_factors(sessions, outputs, run_dir)
-
-
-def shared_factors(sessions, outputs, run_dir, n_cond=6, max_sessions=6):
-    """Factor trajectories of several stitched sessions in one shared latent space: the
-    condition averages (valid trials; all trials alike when the files have no conditions) of
-    each session, projected on the top three principal components of all of them together.
-    Stitching worked when the same condition traces the same path whatever the session."""
-    from src.stitch import conditions
-
-    pairs = list(zip(sessions, outputs))[:max_sessions]
-    conds = [conditions(s, "valid") for s, _ in pairs]
-    conds = [np.zeros(len(o["valid"]["factors"]), int) if c is None else c
-             for c, (_, o) in zip(conds, pairs)]
-    common = set.intersection(*(set(c.tolist()) for c in conds))  # conditions all sessions have
-    traces = {}  # (session, condition) -> (T_rec, F)
-    for i, ((_, out), cond) in enumerate(zip(pairs, conds)):
-        fac = out["valid"]["factors"]
-        for c in sorted(common)[:n_cond] if common else np.unique(cond)[:n_cond]:
-            traces[i, c] = fac[cond == c].mean(0)
-    flat = np.concatenate(list(traces.values()))  # (traces * T_rec, F)
-    mean = flat.mean(0)
-    _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
-    fig = plt.figure(figsize=(11, 5))
-    ax3 = fig.add_subplot(1, 2, 1, projection="3d")
-    ax2 = fig.add_subplot(1, 2, 2)
-    styles, colours, labelled = ("-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))), {}, set()
-    for (i, c), tr in traces.items():
-        pcs = (tr - mean) @ vt[:3].T  # (T_rec, F) -> (T_rec, 3)
-        colour = colours.setdefault(c, f"C{len(colours) % 10}")
-        label = None if i in labelled else sessions[i].name
-        labelled.add(i)
-        ax3.plot(*pcs.T, color=colour, ls=styles[i % len(styles)], lw=1)
-        ax2.plot(pcs[:, 0], pcs[:, 1], color=colour, ls=styles[i % len(styles)], lw=1,
-                 label=label)
-    ax3.set(title="shared factors, PC1-3", xlabel="PC1", ylabel="PC2", zlabel="PC3")
-    ax2.set(title="colour: condition, line style: session", xlabel="PC1", ylabel="PC2")
-    ax2.legend(fontsize=7)
-    save(fig, run_dir, "factors_shared.png")

@@ -17,16 +17,22 @@ Two recipes after TF LFADS and AutoLFADS (docs/design.md, Synthetic data):
   units, rates of a chosen base, spread and depth), as src/bench/panel.py's datasets do.
 
     python -m src.synth chaotic_rnn --out data/crnn.h5 [--input-magnitude 20]
+
+- lorenz_behavior: lorenz's session plus behaviour that is a known function of the latents
+  (docs/decoding.md): `{split}_behavior` (trials, T, D), a "velocity" read out linearly from
+  the latents plus noise, and a per-trial choice (`trials/choice`, -1/+1), the sign of its
+  first dimension at one bin. Decoders on the true rates then have a known ceiling.
+
+    python -m src.synth lorenz_behavior --out data/lorenz_behavior.h5
 """
 
-import argparse
 import os
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
 
-from src.utils import atomic_path
+from src.utils import FlagParser, atomic_path
 
 
 @dataclass
@@ -139,6 +145,56 @@ def make_lorenz(cfg: LorenzConfig) -> tuple[dict, dict]:
     data["latents"] = z.astype(np.float32)
     attrs = {"bin_size": cfg.bin_size, "conversion_factor": 1.0 / cfg.bin_size,
              "generator": "lorenz", **{f"synth_{k}": v for k, v in vars(cfg).items()}}
+    return data, attrs
+
+
+@dataclass
+class LorenzBehaviorConfig(LorenzConfig):
+    """A Lorenz session with behaviour that is a known function of its latents, so that a
+    decoder's R2 from the true rates is a ceiling: a per-bin "velocity" read out linearly from
+    the latents, plus noise, and a per-trial binary choice, the sign of its first dimension at
+    one bin. The neural data are those of LorenzConfig with the same fields."""
+    behavior_dims: int = 2  # "velocity" dimensions, each a unit-norm read-out of the 3 latents
+    behavior_noise: float = 0.3  # std of the per-bin noise on each dimension (signal std 1)
+    choice_frac: float = 0.5  # the choice is read at this fraction of the trial's bins
+    behavior_seed: int = 7  # read-out and noise come from [seed, behavior_seed], so that the
+    #                         neural data stay those of the plain generator
+
+
+def choice_bin(cfg: LorenzBehaviorConfig) -> int:
+    return min(int(cfg.choice_frac * cfg.n_bins), cfg.n_bins - 1)
+
+
+def lorenz_behavior(z: np.ndarray, cond: np.ndarray, cfg: LorenzBehaviorConfig) -> tuple:
+    """Per-bin behaviour (trials, T, D) and per-trial choice (trials,) in -1/+1 from the
+    whitened latents z (C, T, 3) of each trial's condition `cond` (trials,)."""
+    rng = np.random.default_rng([cfg.seed, cfg.behavior_seed])
+    w = rng.normal(size=(3, cfg.behavior_dims))
+    w /= np.linalg.norm(w, axis=0)  # whitened latents: each dimension has variance 1
+    clean = z[cond] @ w  # (trials, T, D)
+    behavior = clean + cfg.behavior_noise * rng.normal(size=clean.shape)
+    choice = np.where(behavior[:, choice_bin(cfg), 0] >= 0, 1.0, -1.0)
+    return behavior.astype(np.float32), choice
+
+
+def make_lorenz_behavior(cfg: LorenzBehaviorConfig) -> tuple[dict, dict]:
+    """make_lorenz's session and, from the same latents, `{split}_behavior` (trials, T, D)
+    with its `names` and `units`, and the choice in a `trials` group indexed by `{split}_inds`
+    (the layout of IBL files, src/ibl/prep.py)."""
+    data, attrs = make_lorenz(cfg)
+    cond = condition_trials(cfg.n_conditions, cfg.trials_per_condition)
+    behavior, choice = lorenz_behavior(data["latents"].astype(np.float64), cond, cfg)
+    for split in ("train", "valid"):
+        data[f"{split}_behavior"] = behavior[data[f"{split}_inds"]]
+    data["trials/choice"] = choice
+    # when the choice is read (the end of its bin), in seconds from the trial's first bin: the
+    # name of IBL's event that the choice shows in, so that decoders use the same window
+    data["trials/firstMovement_times"] = np.full(len(cond), (choice_bin(cfg) + 1) * cfg.bin_size)
+    attrs["generator"] = "lorenz_behavior"
+    # the NLB tools' naming, as src/decode.py reads it: names and units on the dataset
+    names = [f"vel_{i}" for i in range(cfg.behavior_dims)]
+    attrs["dataset_attrs"] = {f"{s}_behavior": {"names": names, "units": "a.u."}
+                              for s in ("train", "valid")}
     return data, attrs
 
 
@@ -269,7 +325,10 @@ def make_chaotic_rnn(cfg: ChaoticRNNConfig) -> tuple[dict, dict]:
 
 
 def write_session(path: str, data: dict, attrs: dict) -> None:
-    """Write a session file atomically; counts as the smallest unsigned type that fits."""
+    """Write a session file atomically; counts as the smallest unsigned type that fits.
+    attrs["dataset_attrs"], when there, holds {key: {name: value}} for datasets, not the file."""
+    attrs = dict(attrs)
+    dataset_attrs = attrs.pop("dataset_attrs", {})
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for key, value in data.items():
             if key.endswith(("_encod_data", "_recon_data")):
@@ -280,24 +339,37 @@ def write_session(path: str, data: dict, attrs: dict) -> None:
             f.create_dataset("conversion_factor", data=attrs["conversion_factor"])
         for k, v in attrs.items():
             f.attrs[k] = v
+        for key, kv in dataset_attrs.items():
+            f[key].attrs.update(kv)
 
 
 GENERATORS = {"lorenz": (LorenzConfig, make_lorenz),
+              "lorenz_behavior": (LorenzBehaviorConfig, make_lorenz_behavior),
               "chaotic_rnn": (ChaoticRNNConfig, make_chaotic_rnn)}
 
 
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="python -m src.synth", description="Write a ground-truth session file: "
+                   "spikes with their true rates (and, for lorenz_behavior, behaviour).")
+    p.add_argument("kind", choices=sorted(GENERATORS), help="the latent system: "
+                   + ", ".join(sorted(GENERATORS)))
+    p.add_argument("--out", required=True, metavar="FILE", help="the session file to write")
+    p.add_argument("--seed", type=int, metavar="N", help="seed of the latents (default: the "
+                   "generator's config)")
+    p.add_argument("--input-magnitude", type=float, default=0.0, metavar="X",
+                   help="chaotic_rnn: size of one input pulse per trial (TF LFADS: 20; "
+                   "default: 0, no pulses)")
+    p.add_argument("--readout-seed", type=int, default=-1, metavar="N", help="lorenz: seed of "
+                   "the neurons and spikes; files with the same --seed and different "
+                   "--readout-seed share their latents: sessions to stitch (default: -1, from "
+                   "--seed)")
+    p.add_argument("--neurons", type=int, metavar="N", help="lorenz: neurons, a quarter of "
+                   "them held out (default: the config's 40)")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a ground-truth session file.")
-    p.add_argument("kind", choices=sorted(GENERATORS))
-    p.add_argument("--out", required=True, help="output .h5 path")
-    p.add_argument("--seed", type=int, help="default: the config's")
-    p.add_argument("--input-magnitude", type=float, default=0.0,
-                   help="chaotic_rnn: size of one input pulse per trial (TF LFADS: 20)")
-    p.add_argument("--readout-seed", type=int, default=-1, help="lorenz: seed of the neurons "
-                   "and spikes; files with the same --seed and different --readout-seed share "
-                   "their latents: sessions to stitch")
-    p.add_argument("--neurons", type=int, help="lorenz: neurons (a quarter held out)")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     cfg_cls, make = GENERATORS[args.kind]
     cfg = cfg_cls() if args.seed is None else cfg_cls(seed=args.seed)
     if args.kind == "chaotic_rnn":

@@ -16,7 +16,7 @@ step: exploit) and perturb its hyperparameters within the bounds of SPACE (explo
 population's best loss has not improved by --tol of itself for --patience generations, or at a
 ceiling. The member with the lowest loss is exported to <out>/best, a normal run folder;
 <out>/population.csv and hyperparameters.png show every member's hyperparameters over steps.
-Any other flag (e.g. --gen_dim 200) goes to every member as to src.main. docs/tune.md has more.
+Any other flag (e.g. --gen-dim 200) goes to every member as to src.main. docs/tune.md has more.
 """
 
 import argparse
@@ -33,13 +33,11 @@ import time
 from dataclasses import dataclass
 
 from src import main as lfads_main
-from src.cli import overrides
 from src.data import DataError, load_session
 from src.metrics import write_csv
 from src.model import LFADSConfig
-from src.prepare import prepare_run
 from src.trainer import Stop, TrainConfig
-from src.utils import atomic_copy, atomic_write_text
+from src.utils import FlagParser, atomic_copy, atomic_write_text
 
 try:  # the [tune] extra is optional: main() says how to install it
     from ray import tune
@@ -158,17 +156,17 @@ def member(config: dict, setup: dict) -> None:
     trainer = member_trainer(setup, config, run_dir)
     gen, ceiling = setup["generation"], setup["max_steps"]
     while True:
-        trainer.tcfg.max_steps = min((trainer.step // gen + 1) * gen, ceiling)
+        trainer.tcfg.max_steps = min((trainer.state.step // gen + 1) * gen, ceiling)
         stop = trainer.fit()
         if stop is Stop.INTERRUPTED:
             return
-        loss = trainer.smoothed if stop is not Stop.DIVERGED else math.inf
+        loss = trainer.state.smoothed if stop is not Stop.DIVERGED else math.inf
         loss = loss if loss is not None and math.isfinite(loss) else math.inf  # replaced
         with tempfile.TemporaryDirectory(dir=run_dir) as d:
             for f in ("ckpt_last.pt", "ckpt_best.pt"):
                 if os.path.isfile(os.path.join(run_dir, f)):
                     shutil.copy2(os.path.join(run_dir, f), d)
-            tune.report({"selection": loss, "step": trainer.step, "parent": parent, **config},
+            tune.report({"selection": loss, "step": trainer.state.step, "parent": parent, **config},
                         checkpoint=tune.Checkpoint.from_directory(d))
         parent = name
 
@@ -189,9 +187,9 @@ def take_checkpoint(ckpt, run_dir: str) -> str | None:
 def member_flags(setup: dict, config: dict) -> list[str]:
     """src.main's flags of a member: the search's own, this config's hyperparameters, and no
     lr decay or plateau stop of its own."""
-    hyper = [x for k in setup["space"] for x in (f"--{k}", repr(float(config[k])))]
-    return [*setup["flags"], *hyper, "--seed", str(config["seed"]), "--lr_patience",
-            str(NEVER_STOP), "--patience", "0", "--max_minutes", "0",
+    hyper = [x for k in setup["space"] for x in (lfads_main.flag(k), repr(float(config[k])))]
+    return [*setup["flags"], *hyper, "--seed", str(config["seed"]), "--lr-patience",
+            str(NEVER_STOP), "--patience", "0", "--max-minutes", "0",
             "--threads", str(setup["threads"])]
 
 
@@ -204,7 +202,7 @@ def member_trainer(setup: dict, config: dict, run_dir: str):
         where = ["--data", setup["data"], "--results-dir", os.path.dirname(run_dir), "--run",
                  os.path.basename(run_dir)]
     args = lfads_main.build_parser().parse_args(where + member_flags(setup, config))
-    sessions, mcfg, tcfg, run_dir, ckpt = prepare_run(args)
+    sessions, mcfg, tcfg, run_dir, ckpt = lfads_main.prepare(args)
     return lfads_main.build(sessions, mcfg, tcfg, run_dir, ckpt, 0, 1, lambda *a, **k: None)
 
 
@@ -213,35 +211,67 @@ def member_trainer(setup: dict, config: dict, run_dir: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m src.tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="one session .h5 file")
-    p.add_argument("--out", help="the search's folder (default: results/tune_<session>)")
+    p = FlagParser(prog="python -m src.tune", description=__doc__)
+    p.add_argument("--data", metavar="FILE", help="one session .h5 file")
+    p.add_argument("--out", metavar="DIR", help="the search's folder (default: "
+                   "results/tune_<session>)")
     p.add_argument("--resume", metavar="OUT", help="continue the search in OUT")
-    p.add_argument("--population", type=int, default=8, help="members (default: 8; more than "
-                   "--workers take turns)")
-    p.add_argument("--workers", type=int, default=0, help="members training at once, each "
-                   "with an equal share of the CPUs (and GPUs); default: one per CPU")
-    p.add_argument("--address", help="join a running Ray cluster ('auto', or host:port of "
-                   "`ray start --head`); default: start Ray on this machine")
-    p.add_argument("--generation_epochs", type=float, default=25.0, help="epochs between "
-                   "exploits, rounded up to whole --eval_every periods (lfads-torch: 25)")
-    p.add_argument("--burn_in_epochs", type=float, default=None, help="epochs before the first "
-                   "exploit (default: the KL and L2 ramps, then one generation)")
-    p.add_argument("--patience", type=int, default=4, help="stop after this many generations "
-                   "without progress of the population's best loss (lfads-torch: 4)")
-    p.add_argument("--tol", type=float, default=5e-4, help="progress: the best loss falls by "
-                   "this share of itself (lfads-torch's min_improvement_ratio: 5e-4)")
-    p.add_argument("--max_steps", type=int, default=20000, help="ceiling on each member's steps")
-    p.add_argument("--max_minutes", type=float, default=0.0, help="ceiling on the search's wall "
-                   "time in minutes; 0 = none")
+    p.add_argument("--population", type=int, default=8, metavar="N", help="members (default: "
+                   "8; more than --workers take turns)")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="members training at "
+                   "once, each with an equal share of the CPUs (and GPUs); default: one per CPU")
+    p.add_argument("--address", metavar="HOST:PORT", help="join a running Ray cluster ('auto', "
+                   "or host:port of `ray start --head`); default: start Ray on this machine")
+    p.add_argument("--generation-epochs", type=float, default=25.0, metavar="EPOCHS",
+                   help="epochs between exploits, rounded up to whole --eval-every periods "
+                   "(default: 25, as lfads-torch)")
+    p.add_argument("--burn-in-epochs", type=float, default=None, metavar="EPOCHS",
+                   help="epochs before the first exploit (default: the KL and L2 ramps, then "
+                   "one generation)")
+    p.add_argument("--patience", type=int, default=4, metavar="N", help="stop after this many "
+                   "generations without progress of the population's best loss (default: 4, "
+                   "as lfads-torch)")
+    p.add_argument("--tol", type=float, default=5e-4, metavar="SHARE", help="progress: the best "
+                   "loss falls by this share of itself (default: 5e-4, lfads-torch's "
+                   "min_improvement_ratio)")
+    p.add_argument("--max-steps", type=int, default=20000, metavar="N",
+                   help="ceiling on each member's steps (default: 20000)")
+    p.add_argument("--max-minutes", type=float, default=0.0, metavar="MINUTES",
+                   help="ceiling on the search's wall time in minutes; 0 = none (default: 0)")
     p.add_argument("--bounds", action="append", default=[], metavar="NAME=LOW:HIGH",
                    help="other bounds for a searched hyperparameter, in our units (KL and L2 on "
                    "nats per trial); repeatable")
-    p.add_argument("--seed", type=int, default=0, help="seeds the first values, the members' "
-                   "seeds and the perturbations")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seeds the first values, "
+                   "the members' seeds and the perturbations (default: 0)")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
+    for name, kind in (("generation_epochs", float), ("burn_in_epochs", float),
+                       ("max_steps", int), ("max_minutes", float)):  # unlisted spellings
+        p.add_argument("--" + name, dest=name, type=kind, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
     return p
+
+
+def check_member_flags(p: argparse.ArgumentParser, flags: list[str]) -> None:
+    """Every flag left to the members must be src.main's: else one error line, naming the
+    nearest flag of either command."""
+    member = lfads_main.build_parser()
+    known = {s for a in member._actions for s in a.option_strings}
+    for f in flags:
+        name = f.split("=")[0]
+        if name.startswith("-") and name not in known and not is_number(name):
+            listed = FlagParser(prog=p.prog, add_help=False, conflict_handler="resolve")
+            for a in (*member._actions, *p._actions):
+                if a.option_strings and a.help != argparse.SUPPRESS:
+                    listed.add_argument(*a.option_strings, action="store_true")
+            listed.error(f"unrecognized arguments: {name}")
+
+
+def is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_bounds(items: list[str]) -> dict:
@@ -262,10 +292,13 @@ def new_search(args, flags: list[str]) -> dict:
     if not args.data:
         raise SearchError("--data: give one session file (or --resume a search)")
     session = load_session(args.data)
-    given = lfads_main.build_parser().parse_args(["--data", args.data, *flags])  # exits on a typo
-    for k in (*SPACE, "seed", "resume", "run", "max_steps", "max_minutes", "patience"):
-        if f"--{k}" in flags or f"--{k.replace('_', '-')}" in flags:
-            raise SearchError(f"--{k} is the search's to set: leave it out of the members' flags")
+    member = lfads_main.build_parser()
+    member.prog = "python -m src.tune"
+    given = member.parse_args(["--data", args.data, *flags])  # exits on a bad value
+    for k in (*SPACE, "run"):
+        if getattr(given, k) is not None:
+            raise SearchError(f"{lfads_main.flag(k)} is the search's to set: leave it out of "
+                              "the members' flags")
     co_dim = given.co_dim if given.co_dim is not None else LFADSConfig.co_dim
     sizes = session.sizes
     space = space_for(sizes["t_rec"], sizes["n_out"], co_dim, parse_bounds(args.bounds))
@@ -275,12 +308,12 @@ def new_search(args, flags: list[str]) -> dict:
             raise SearchError(f"--{k} {v}: must be at least 1")
     if args.population < 2:
         raise SearchError("--population 1: a population needs at least 2 members")
-    tc = TrainConfig(**overrides(given, TrainConfig))
+    tc = TrainConfig(**lfads_main.overrides(given, TrainConfig))
     per_epoch = -(-len(session.train) // tc.batch_size)
     periods = lambda epochs: max(1, math.ceil(epochs * per_epoch / tc.eval_every))  # noqa: E731
     generation = periods(args.generation_epochs) * tc.eval_every
     ramps = max(tc.kl_start + tc.kl_epochs, tc.l2_start + tc.l2_epochs)
-    # exploits happen at generation ends: the first one past the ramps (or --burn_in_epochs)
+    # exploits happen at generation ends: the first one past the ramps (or --burn-in-epochs)
     burn_in = periods(ramps if args.burn_in_epochs is None else args.burn_in_epochs
                       ) * tc.eval_every
     burn_in = (math.ceil(burn_in / generation) + (args.burn_in_epochs is None)) * generation
@@ -306,7 +339,7 @@ Callback = tune.Callback if tune else object
 class PopulationPlateau(Stopper):
     """Ends the search when the population's best selection loss of a generation has not come
     below the best so far by `tol` of it for `patience` generations past the burn-in (as
-    lfads-torch's ImprovementRatioStopper), and each member at --max_steps."""
+    lfads-torch's ImprovementRatioStopper), and each member at --max-steps."""
 
     def __init__(self, search: dict):
         self.s, self.best_of, self.reported = search, {}, {}
@@ -475,14 +508,14 @@ def plot_population(out: str, rows: list[dict], space: dict) -> None:
 def best_member(out: str) -> tuple[str, float]:
     """The member whose lineage reached the lowest smoothed selection loss (its ckpt_best.pt
     holds that model): the search's choice, on the single run's own criterion."""
-    from src.checkpoint import load
+    from src.resume import load
 
     found = []
     members = os.path.join(out, "members")
     for name in sorted(os.listdir(members)):
         path = os.path.join(members, name, "ckpt_last.pt")
         if os.path.isfile(path) and os.path.isfile(os.path.join(members, name, "ckpt_best.pt")):
-            found.append((load(path)["best"], name))
+            found.append((load(path)["loop"]["best"], name))
     if not found:
         raise SearchError(f"{members}: no member has a best checkpoint yet (the search ended "
                           "before the burn-in?)")
@@ -499,12 +532,13 @@ def export_best(out: str, name: str, threads: int, plots: bool) -> str:
         atomic_copy(os.path.join(src_dir, f), os.path.join(dst, f))
     tc = TrainConfig()
     args = lfads_main.build_parser().parse_args([
-        "--resume", dst, "--patience", str(tc.patience), "--lr_patience", str(tc.lr_patience),
-        "--max_steps", str(tc.max_steps), "--threads", str(threads)])
-    sessions, mcfg, tcfg, run_dir, ckpt = prepare_run(args)
+        "--resume", dst, "--patience", str(tc.patience), "--lr-patience", str(tc.lr_patience),
+        "--max-steps", str(tc.max_steps), "--threads", str(threads)])
+    sessions, mcfg, tcfg, run_dir, ckpt = lfads_main.prepare(args)
     trainer = lfads_main.build(sessions, mcfg, tcfg, run_dir, ckpt, 0, 1, lambda *a, **k: None)
     # a fresh count for the plateau stop and the lr decay from here on
-    trainer.mark, trainer.bad_evals, trainer.sched.num_bad_epochs = trainer.smoothed, 0, 0
+    s = trainer.state
+    s.mark, s.stalled, trainer.sched.num_bad_epochs = s.smoothed, 0, 0
     trainer.save("ckpt_last.pt")
     outputs = lfads_main.export(trainer)
     lfads_main.report(trainer, outputs, "search", plots)
@@ -538,7 +572,7 @@ def save_search(out: str, search: dict) -> None:
 
 
 def ended(search: dict, rows: list[dict], seconds: float) -> bool:
-    """Whether the search came to its end (the plateau, every member at --max_steps, or the
+    """Whether the search came to its end (the plateau, every member at --max-steps, or the
     time ceiling), rather than to Ctrl-C or a failure: Ray's result says neither."""
     plateau = PopulationPlateau(search)
     for r in rows:
@@ -550,7 +584,9 @@ def ended(search: dict, rows: list[dict], seconds: float) -> bool:
 
 
 def main(argv=None) -> int:
-    args, flags = build_parser().parse_known_args(argv)
+    p = build_parser()
+    args, flags = p.parse_known_args(argv)
+    check_member_flags(p, flags)
     if tune is None:
         print(f"error: python -m src.tune needs Ray Tune: {INSTALL}", file=sys.stderr)
         return 2

@@ -1,16 +1,17 @@
-"""Small shared helpers: atomic writes, stop signals, seeding, devices."""
+"""Small shared helpers: atomic writes, stop signals, seeding, random states, devices."""
 
+import argparse
 import contextlib
-import glob
-import hashlib
+import difflib
 import os
 import random
+import re
 import shutil
 import signal
 import tempfile
+import textwrap
 import threading
 
-import h5py
 import numpy as np
 import torch
 
@@ -50,12 +51,6 @@ def atomic_write_text(path: str, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
-
-
-def remove_stale_temps(folder: str) -> None:
-    """Delete the temporaries of atomic_path that a SIGKILL or power cut left behind."""
-    for tmp in glob.glob(os.path.join(folder, ".*.tmp")):
-        os.remove(tmp)
 
 
 def check_writable(folder: str) -> None:
@@ -106,6 +101,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """Every random state a run draws from: in the checkpoint, for an exact resume."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
 def has_mps() -> bool:
     """An Apple-silicon GPU that this torch build can use."""
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
@@ -121,8 +123,27 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def valid_counts_sha1(path: str) -> str:
-    """A fingerprint of a session file's validation counts: rates scored against a file must
-    come from a model run on that same file (the panel and bench/lfads_torch/run.py check it)."""
-    with h5py.File(path, "r") as f:
-        return hashlib.sha1(np.ascontiguousarray(f["valid_recon_data"][()]).tobytes()).hexdigest()
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; help lines never broken inside a --dashed-flag."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse that answers a misspelt flag with the nearest one, in a line, not the usage;
+    a flag's prefix is a misspelling too, not an abbreviation."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, allow_abbrev=False, **kw)
+
+    def error(self, message):
+        unknown = re.search(r"unrecognized arguments: (-\S+)", message)
+        if unknown:
+            given = unknown[1].split("=")[0]
+            known = [s for a in self._actions if a.help != argparse.SUPPRESS
+                     for s in a.option_strings]
+            near = difflib.get_close_matches(given.replace("_", "-"), known, n=1)
+            message = f"unknown flag {given}" + (f"; did you mean {near[0]}?" if near else "")
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")

@@ -93,8 +93,8 @@ def test_no_data_and_unknown_insertion(tmp_path, capsys):
 
 
 # values of the right type that cannot train: refused before a run folder exists
-IMPOSSIBLE = {"--batch_size": "0", "--eval_every": "0", "--gen_dim": "0", "--dropout": "1",
-              "--cd_rate": "1", "--sv_rate": "1.5", "--co_dim": "-1", "--device": "gpu"}
+IMPOSSIBLE = {"--batch-size": "0", "--eval-every": "0", "--gen-dim": "0", "--dropout": "1",
+              "--cd-rate": "1", "--sv-rate": "1.5", "--co-dim": "-1", "--device": "gpu"}
 if not torch.cuda.is_available():
     IMPOSSIBLE["--device "] = "cuda"  # the space: a second key for the same flag
 
@@ -108,7 +108,7 @@ def test_a_setting_that_cannot_train(tiny_h5, tmp_path, capsys, flag):
     assert not (tmp_path / "results").exists()
 
 
-FLOAT_FLAGS = [f"--{f.name}" for cfg in (LFADSConfig, TrainConfig)
+FLOAT_FLAGS = [f"--{f.name.replace('_', '-')}" for cfg in (LFADSConfig, TrainConfig)
                for f in dataclasses.fields(cfg) if f.type in (float, "float")]
 
 
@@ -123,11 +123,11 @@ def test_every_float_flag_refuses_non_finite_and_negative_values(tiny_h5, tmp_pa
 
 
 def test_the_float_sweep_covers_the_flags_of_both_configs():
-    assert {"--lr", "--dropout", "--kl_ic_scale", "--co_prior_nvar", "--max_minutes"} <= set(
+    assert {"--lr", "--dropout", "--kl-ic-scale", "--co-prior-nvar", "--max-minutes"} <= set(
         FLOAT_FLAGS)
 
 
-@pytest.mark.parametrize("flag,value", [("--cd_rate", "lots"), ("--max_steps", "1.5"),
+@pytest.mark.parametrize("flag,value", [("--cd-rate", "lots"), ("--max-steps", "1.5"),
                                         ("--lr", "")])
 def test_a_value_of_the_wrong_type(capsys, flag, value):
     with pytest.raises(SystemExit) as e:

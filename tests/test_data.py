@@ -36,8 +36,12 @@ def test_the_example_file_loads(tiny_h5):
 
 
 def test_float_integer_counts_are_accepted(tiny_h5):
-    bad = rewrite(tiny_h5, train_encod_data=arr(tiny_h5, "train_encod_data").astype(np.float64))
-    load_session(str(bad))
+    keys = [f"{s}_{k}_data" for s in ("train", "valid") for k in ("encod", "recon")]
+    floats = rewrite(tiny_h5, **{k: arr(tiny_h5, k).astype(np.float64) for k in keys})
+    s = load_session(str(floats))
+    for k in keys:  # the same counts as the file's integers
+        split, what = k.split("_")[:2]
+        np.testing.assert_array_equal(getattr(getattr(s, split), what).numpy(), arr(tiny_h5, k))
 
 
 @pytest.mark.parametrize("key", ["train_encod_data", "valid_recon_data", "train_recon_data"])
@@ -149,7 +153,7 @@ def test_a_session_file_that_moved(tmp_path):
 
 
 def test_no_held_in_neurons(tiny_h5):
-    # what prep_data once wrote with --heldout-frac 1: nothing for the encoders to read
+    # every neuron held out (e.g. a preparation with --heldout-frac 1): nothing to encode
     bad = rewrite(tiny_h5, train_encod_data=arr(tiny_h5, "train_encod_data")[:, :, :0])
     with pytest.raises(DataError, match="'train_encod_data' has no neurons"):
         load_session(str(bad))

@@ -54,7 +54,7 @@ def test_two_processes_train_what_one_process_trains(tiny_h5, tmp_path, monkeypa
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["0", "0"]
     one, two = (torch.load(results / r / "ckpt_last.pt", weights_only=False)
                 for r in ("one", "two"))
-    assert one["step"] == two["step"] == 6
+    assert one["loop"]["step"] == two["loop"]["step"] == 6
     for name, w in one["model"].items():  # the same to float rounding: sums in other orders
         torch.testing.assert_close(two["model"][name], w, rtol=1e-4, atol=1e-5, msg=name)
     assert one["model"].keys() == two["model"].keys()
@@ -95,5 +95,5 @@ def test_a_batch_that_does_not_split_evenly_is_refused(tiny_h5, tmp_path):
     r = torchrun(tmp_path, "--data", str(tiny_h5), "--no-plots", *TINY_MODEL,
                  "--batch_size", "15")
     assert r.returncode != 0
-    assert "error: --batch_size 15 does not split evenly over 2 processes" in r.stderr
+    assert "error: --batch-size 15 does not split evenly over 2 processes" in r.stderr
     assert not (tmp_path / "results").exists() or not os.listdir(tmp_path / "results")

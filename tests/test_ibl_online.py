@@ -67,7 +67,8 @@ def test_the_fixture_listing_is_the_real_one(one):
 def test_the_release_sorting_and_the_papers_trials_revision(prepared):
     row = pd.read_csv(prepared / "manifest.csv").set_index("pid").loc[PID]
     assert row["status"] == "ok", row["reason"]
-    assert row["bytes_downloaded"] >= 0
+    if not os.environ.get("ONE_CACHE_DIR"):  # a new, empty cache: the files came down now
+        assert row["bytes_downloaded"] > 0
     with h5py.File(prepared / f"{PID}.h5", "r") as f:
         a = dict(f.attrs)
     assert a["collection"] == "alf/probe00/pykilosort" and a["revision"] == "2024-05-06"

@@ -25,17 +25,17 @@ RULE = [*TINY_MODEL, "--eval_every", "2", "--kl_epochs", "1", "--l2_epochs", "1"
 @pytest.fixture
 def script(monkeypatch):
     """Set the selection loss of the evaluations: script.values[i] for the i-th row."""
-    real = Trainer.evaluate_valid
+    real = Trainer.validate
 
     class Script:
         values: list = []
 
     def scripted(self):
         out = real(self)
-        out["recon_heldin"] = Script.values[len(self.rows)]
+        out["recon_heldin"] = Script.values[len(self.state.rows)]
         return out
 
-    monkeypatch.setattr(Trainer, "evaluate_valid", scripted)
+    monkeypatch.setattr(Trainer, "validate", scripted)
     return Script
 
 
@@ -74,8 +74,8 @@ def test_a_loss_still_improving_runs_to_the_ceiling_and_says_how_to_go_on(
     assert int(rows[-1]["step"]) == 30 and summary(tmp_path / "r")["stopped"] == "max_steps"
     assert {float(r["lr"]) for r in rows} == {0.004}  # never decayed
     out = capsys.readouterr().out
-    assert ("stopping at step 30: the --max_steps ceiling, before the plateau; continue with: "
-            f"python -m src.main --resume {tmp_path / 'r'} --max_steps <more>") in out
+    assert ("stopping at step 30: the --max-steps ceiling, before the plateau; continue with: "
+            f"python -m src.main --resume {tmp_path / 'r'} --max-steps <more>") in out
 
 
 def test_slow_progress_resets_the_count(tiny_h5, tmp_path, script):
@@ -95,8 +95,8 @@ def test_a_time_ceiling_says_how_to_go_on(tiny_h5, tmp_path, script, capsys):
     script.values = [100.0] * 40
     assert train(tiny_h5, tmp_path, "r", "--max_steps", "60", "--max_minutes", "1e-4") == 0
     assert summary(tmp_path / "r")["stopped"] == "max_minutes"
-    assert "the --max_minutes ceiling, before the plateau; continue with: python -m src.main " \
-           f"--resume {tmp_path / 'r'} --max_minutes <more>" in capsys.readouterr().out
+    assert "the --max-minutes ceiling, before the plateau; continue with: python -m src.main " \
+           f"--resume {tmp_path / 'r'} --max-minutes <more>" in capsys.readouterr().out
 
 
 def test_a_run_resumed_mid_plateau_stops_where_the_whole_run_stops(tiny_h5, tmp_path, script):

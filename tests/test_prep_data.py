@@ -20,13 +20,11 @@ from pathlib import Path
 
 import brainbox  # from ibllib; the IBL stack is a test dependency (./setup.sh --dev)
 import h5py
-import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 from brainbox.io.one import SpikeSortingLoader
 from iblatlas.regions import BrainRegions
-from nbclient import NotebookClient
 from one.api import ONE
 
 from src.ibl import prep
@@ -570,7 +568,7 @@ def test_interrupted_write_leaves_no_file(ibl_cache, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# downstream: training, and the tutorial
+# downstream: training (the tutorial data_demo.ipynb: tests/test_notebooks.py)
 
 
 @pytest.fixture(scope="module")
@@ -591,18 +589,3 @@ def test_prepared_file_trains(ibl_trained_run, ibl_prepared, ibl_cache):
         assert o["valid_rates"].shape == shape
         assert np.isfinite(o["valid_rates"][:]).all()
 
-
-def test_data_demo_notebook_runs_offline(ibl_trained_run, ibl_home):
-    nb = nbformat.read(ROOT / "data_demo.ipynb", as_version=4)
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
-        "commit data_demo.ipynb with its outputs cleared"
-    env = {"LFADS_DEMO_OFFLINE": "1", "LFADS_DEMO_RUN": str(ibl_trained_run),
-           "HOME": str(ibl_home), "MPLBACKEND": "Agg"}
-    with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this environment
-        for k, v in env.items():
-            mp.setenv(k, v)
-        NotebookClient(nb, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(ROOT)}}).execute()
-    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-    assert "1 ok, 0 skipped, 0 failed" in text
-    assert "rates (" in text  # the trained run was found and drawn

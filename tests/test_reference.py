@@ -58,7 +58,7 @@ def test_reference_gru_step_is_torch_gru_cell():
 
 
 def test_flop_count_matches_the_documented_mc_maze_total():
-    # issue 5's anchor: about 7.8 GFLOP forward, 23.4 per training step
+    # docs/performance.md's 23.4 GFLOP per MC_Maze training step, a third of it forward
     c, batch = CONFIGS["mc_maze"]
     assert forward_flops(c, batch) / 1e9 == pytest.approx(7.8, abs=0.05)
 

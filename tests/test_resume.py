@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.cli import overrides
 from src.data import batch_order, load_session
-from src.main import build_parser, main
+from src.main import build_parser, main, overrides
 from src.model import LFADS, LFADSConfig
 from src.trainer import Stop, TrainConfig, Trainer
 from tests.conftest import ROOT, TINY_MODEL
@@ -48,8 +47,10 @@ def equal(a, b) -> bool:
 def assert_same_run(a, b):
     """Same weights, optimiser, scheduler, RNG states, metrics rows and outputs, bit for bit."""
     ca, cb = (torch.load(d / "ckpt_last.pt", weights_only=False) for d in (a, b))
-    for key in ca.keys() - {"elapsed", "rows"}:
+    for key in ca.keys() - {"loop"}:
         assert equal(ca[key], cb[key]), key
+    for key in ca["loop"].keys() - {"elapsed", "rows"}:
+        assert equal(ca["loop"][key], cb["loop"][key]), key
     no_time = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
     assert no_time(read_metrics(a)) == no_time(read_metrics(b))
     with h5py.File(a / "lfads_output.h5") as fa, h5py.File(b / "lfads_output.h5") as fb:
@@ -71,9 +72,9 @@ def test_k_steps_plus_k_resumed_equal_2k_steps(tiny_h5, tmp_path, ramps):
     assert train(tiny_h5, results, "split", "--max_steps", "6", *ramps) == 0
     assert steps(results / "split") == [4, 6]
     ckpt = torch.load(results / "split/ckpt_last.pt", weights_only=False)
-    assert ckpt["step"] == 6 and ckpt["acc"]["n"] == 2
+    assert ckpt["loop"]["step"] == 6 and ckpt["loop"]["sums"]["n"] == 2
     if ramps:  # not the row at step 6, which scored a shorter period (see below)
-        assert torch.load(results / "split/ckpt_best.pt", weights_only=False)["step"] == 4
+        assert torch.load(results / "split/ckpt_best.pt", weights_only=False)["loop"]["step"] == 4
     assert resume(results / "split", "--max_steps", "12") == 0
     assert steps(results / "split") == [4, 8, 12]
     assert_same_run(results / "whole", results / "split")
@@ -81,7 +82,8 @@ def test_k_steps_plus_k_resumed_equal_2k_steps(tiny_h5, tmp_path, ramps):
     # one, which the uninterrupted run never saw
     a, b = (torch.load(results / r / "ckpt_best.pt", weights_only=False)
             for r in ("whole", "split"))
-    assert a["step"] == b["step"] and a["step"] % 4 == 0 and equal(a["model"], b["model"])
+    assert a["loop"]["step"] == b["loop"]["step"] and a["loop"]["step"] % 4 == 0
+    assert equal(a["model"], b["model"])
     assert float(read_metrics(results / "whole")[-1]["kl_weight"]) == 1.0  # past the ramps
 
 
@@ -92,7 +94,7 @@ def test_ctrl_c_saves_mid_period_and_resumes_exactly(tiny_h5, tmp_path, monkeypa
 
     def ctrl_c_in_step_7(self, *args):
         out = real(self, *args)
-        if self.step == 6:
+        if self.state.step == 6:
             os.kill(os.getpid(), signal.SIGINT)
         return out
 
@@ -104,7 +106,7 @@ def test_ctrl_c_saves_mid_period_and_resumes_exactly(tiny_h5, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert f"interrupted at step 7; continue with: python -m src.main --resume {run}" in err
     ckpt = torch.load(run / "ckpt_last.pt", weights_only=False)
-    assert ckpt["step"] == 7 and ckpt["acc"]["n"] == 3 and steps(run) == [4]
+    assert ckpt["loop"]["step"] == 7 and ckpt["loop"]["sums"]["n"] == 3 and steps(run) == [4]
     assert not (run / "lfads_output.h5").exists()
     monkeypatch.setattr(Trainer, "train_step", real)
     assert resume(run) == 0
@@ -136,7 +138,7 @@ def test_sigkill_sigterm_then_resume_to_the_end(tiny_h5, tmp_path):
         wait_for_rows(run, 3, p)
         p.kill()
         assert p.wait(60) == -signal.SIGKILL
-        k = torch.load(run / "ckpt_last.pt", weights_only=False)["step"]
+        k = torch.load(run / "ckpt_last.pt", weights_only=False)["loop"]["step"]
         assert k >= 2  # metrics.csv is written just before the checkpoint
         p = start(tmp_path, "--resume", "results/r", "--no-plots")
         wait_for_rows(run, k + 2, p)
@@ -148,7 +150,7 @@ def test_sigkill_sigterm_then_resume_to_the_end(tiny_h5, tmp_path):
     assert "Traceback" not in err
     s = int(re.search(r"interrupted at step (\d+); continue with: python -m src.main "
                       r"--resume results/r\n", err)[1])
-    assert torch.load(run / "ckpt_last.pt", weights_only=False)["step"] == s > k
+    assert torch.load(run / "ckpt_last.pt", weights_only=False)["loop"]["step"] == s > k
     assert resume(run, "--max_steps", str(s + 2)) == 0
     assert steps(run) == list(range(1, s + 3))  # no row lost, none twice
     assert (run / "lfads_output.h5").is_file()
@@ -171,24 +173,24 @@ def test_non_finite_steps_are_skipped_counted_and_leave_the_weights_alone(tiny_h
     weights = lambda: {k: v.clone() for k, v in tr.model.state_dict().items()}  # noqa: E731
     first = batch_order(seed, 0, n)[:bs]
     bad = first[0].item()  # a NaN in this trial makes each batch that holds it non-finite
-    tr.data[0]["encod"] = tr.data[0]["encod"].clone()
-    tr.data[0]["encod"][bad, 3, 0] = math.nan
+    tr.data["encod"] = tr.data["encod"].clone()
+    tr.data["encod"][bad, 3, 0] = math.nan
     before = weights()
-    assert tr.train_step(first, 1.0, 1.0) is None
+    assert tr.train_step(tr.data, first, 1.0, 1.0) is None
     assert equal(before, weights()) and not tr.opt.state  # nor has Adam seen it
     # a finite loss with an infinite gradient is skipped too
     clean = torch.tensor([i for i in range(n) if i != bad][:bs])
     hook = next(tr.model.parameters()).register_hook(lambda g: torch.full_like(g, math.inf))
-    assert tr.train_step(clean, 1.0, 1.0) is None and equal(before, weights())
+    assert tr.train_step(tr.data, clean, 1.0, 1.0) is None and equal(before, weights())
     hook.remove()
-    assert tr.train_step(clean, 1.0, 1.0) is not None and not equal(before, weights())
+    assert tr.train_step(tr.data, clean, 1.0, 1.0) is not None and not equal(before, weights())
     # in the loop: each batch holding the bad trial is skipped and counted in its row
     per_epoch = n // bs
     expected = [sum(bad in batch_order(seed, s // per_epoch, n)[(s % per_epoch) * bs:][:bs]
                     for s in range(a, a + 4)) for a in (0, 4)]
-    assert tr.fit() is Stop.MAX_STEPS and tr.step == 8
-    assert [r["bad_steps"] for r in tr.rows] == expected and expected[0] >= 1
-    assert all(math.isfinite(r["train_total"]) for r in tr.rows)
+    assert tr.fit() is Stop.MAX_STEPS and tr.state.step == 8
+    assert [r["bad_steps"] for r in tr.state.rows] == expected and expected[0] >= 1
+    assert all(math.isfinite(r["train_total"]) for r in tr.state.rows)
     assert all(torch.isfinite(v).all() for v in tr.model.state_dict().values())
 
 
@@ -232,6 +234,6 @@ def test_a_run_stopped_early_or_out_of_time_stays_stopped_on_resume(tiny_h5, tmp
     assert steps(results / "r") == done
     # the same for a run out of time: 6 ms are spent after the first step
     assert train(tiny_h5, results, "t", "--max_steps", "200", "--max_minutes", "1e-4") == 0
-    first = torch.load(results / "t/ckpt_last.pt", weights_only=False)["step"]
+    first = torch.load(results / "t/ckpt_last.pt", weights_only=False)["loop"]["step"]
     assert resume(results / "t") == 0
-    assert torch.load(results / "t/ckpt_last.pt", weights_only=False)["step"] == first < 200
+    assert torch.load(results / "t/ckpt_last.pt", weights_only=False)["loop"]["step"] == first < 200

@@ -42,7 +42,7 @@ def train(h5, results, *extra):
                  *TINY_MODEL, *TRAIN, *extra]) == 0
     with open(os.path.join(results, "r", "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
-    best = torch.load(results / "r" / "ckpt_best.pt", weights_only=False)["step"]
+    best = torch.load(results / "r" / "ckpt_best.pt", weights_only=False)["loop"]["step"]
     return rows, best
 
 

@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from src.data import load_session, pick_batch
+from src.data import load_session
 from src.main import main
-from src.model import LFADS, LFADSConfig
-from src.prepare import METRIC_NAMES
-from src.stitch import pcr_init_readins, psths, stitched_sizes
+from src.model import LFADSConfig
+from src.stitch import (
+    METRIC_NAMES,
+    StitchedLFADS,
+    pcr_init_readins,
+    pick_batch,
+    psths,
+    stitched_sizes,
+)
 from src.synth import LorenzConfig, make_lorenz, write_session
 from tests.test_resume import assert_same_run, steps
 from tests.test_train import read_metrics
@@ -72,7 +78,7 @@ def test_pcr_readins_map_sessions_onto_one_space(data_dir):
                 for r in read[1:]]
 
     torch.manual_seed(0)
-    model = LFADS(LFADSConfig(**stitched_sizes(sessions), readin_dim=8))
+    model = StitchedLFADS(LFADSConfig(**stitched_sizes(sessions), readin_dim=8))
     before = agreement(model)
     assert pcr_init_readins(model, sessions) == 8
     after = agreement(model)
@@ -92,7 +98,7 @@ def test_pcr_uses_conditions_all_sessions_share(tmp_path):
     tables, groups = psths(sessions)
     assert [t.shape for t in tables] == [(32, 25, 15), (32, 25, 8)]  # (C, T_enc, N_in)
     assert all((g >= 0).all() for g in groups)
-    model = LFADS(LFADSConfig(**stitched_sizes(sessions), readin_dim=8))
+    model = StitchedLFADS(LFADSConfig(**stitched_sizes(sessions), readin_dim=8))
     assert pcr_init_readins(model, sessions) == 8
     with torch.no_grad():  # the same condition and bin lands on the same point
         a, b = (model.readin[i](torch.as_tensor(t, dtype=torch.float32))[..., :3]
@@ -188,7 +194,7 @@ def test_sessions_are_known_by_name_on_resume_and_in_metrics(tmp_path, capsys):
     before = h5py.File(results / "r/lfads_output_b.h5")["valid_rates"][()]
     assert main(["--resume", str(results / "r"), "--no-plots", "--data", str(d / "*.h5")]) == 0
     assert np.array_equal(h5py.File(results / "r/lfads_output_b.h5")["valid_rates"][()], before)
-    # the metrics a session's name must not clash with are all in prepare.METRIC_NAMES
+    # the metrics a session's name must not clash with are all in stitch.METRIC_NAMES
     cols = read_metrics(results / "r")[0].keys()
     overall = {c[6:] for c in cols if c.startswith("valid_") and c[6:8] not in ("a_", "b_")}
     assert overall <= set(METRIC_NAMES), overall - set(METRIC_NAMES)

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -39,7 +40,7 @@ def test_short_training_lowers_the_loss_and_writes_a_complete_run(tiny_h5, tmp_p
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["gen_dim"] == 32 and cfg["model"]["n_out"] == 12
     ckpt = torch.load(run / "ckpt_last.pt", weights_only=False)
-    assert ckpt["step"] == 60 and {"model", "optimizer", "scheduler", "rng"} <= set(ckpt)
+    assert ckpt["loop"]["step"] == 60 and {"model", "optimizer", "scheduler", "rng"} <= set(ckpt)
     with h5py.File(run / "lfads_output.h5") as f:
         n_valid = f["valid_rates"].shape[0]
         assert f["valid_rates"].shape == (n_valid, 20, 12)
@@ -75,21 +76,66 @@ def test_command_line_end_to_end(tiny_h5, tmp_path):
     assert [int(r["step"]) for r in read_metrics(tmp_path / "results/cli")] == [5, 10]
 
 
-def test_help_lists_every_field_with_its_default(tmp_path):
+def test_help_lists_every_field_once_with_its_default(tmp_path):
+    import dataclasses
+
+    from src.main import DATA_SIZES
+    from src.model import LFADSConfig
+    from src.trainer import TrainConfig
+    from tests.test_help import help_entries
+
     p = run_cli("--help", cwd=tmp_path)
     assert p.returncode == 0
-    for flag in ("--gen_dim", "--co_dim", "--cd_rate", "--kl_epochs", "--max_steps", "--ins"):
-        assert flag in p.stdout, flag
-    assert "(default: 100)" in p.stdout
+    entries = help_entries(p.stdout)
+    for flag in ("--gen-dim INT", "--co-dim INT", "--cd-rate FLOAT", "--kl-epochs FLOAT",
+                 "--max-steps INT", "--ins INS", "--precision {fp32,bf16}",
+                 "--device {auto,cpu,cuda,cuda:N,mps}", "--readin-train, --no-readin-train"):
+        assert flag in entries, flag
+    # each field's flag states that field's own default, in its own entry
+    by_flag = {inv.split()[0].rstrip(","): desc for inv, desc in entries.items()}
+    fields = [f for cls in (LFADSConfig, TrainConfig) for f in dataclasses.fields(cls)
+              if f.name not in DATA_SIZES]
+    for f in fields:
+        flag = "--" + f.name.replace("_", "-")
+        assert by_flag[flag].endswith(f"(default: {f.default})"), (flag, by_flag[flag])
+    # one style: no flag listed twice, no underscore spelling, no bare type names
+    listed = re.findall(r"^  (--[\w-]+)", p.stdout, re.M)  # entries, not wrapped help
+    assert len(listed) == len(set(listed)) > len(fields) and not [f for f in listed if "_" in f]
+    assert "PARSE_BOOL" not in p.stdout and "STR" not in p.stdout and "[" not in p.stdout.split(
+        "options:")[1].replace("[-h]", "")
 
 
 def test_bad_command_lines_are_refused_clearly(tiny_h5, tmp_path):
-    p = run_cli("--gen_dim", "many", cwd=tmp_path)
-    assert p.returncode == 2 and "--gen_dim" in p.stderr and "many" in p.stderr
+    p = run_cli("--gen-dim", "many", cwd=tmp_path)
+    assert p.returncode == 2 and "--gen-dim" in p.stderr and "many" in p.stderr
     p = run_cli("--no_such_field", "1", cwd=tmp_path)
     assert p.returncode == 2 and "--no_such_field" in p.stderr
     p = run_cli("--data-dir", str(tmp_path / "empty"), cwd=tmp_path)
     assert p.returncode == 2 and "setup.sh" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_misspelt_flag_gets_the_nearest_one_in_a_line(tmp_path):
+    for wrong, right in (("--gen-dims", "--gen-dim"), ("--max_step", "--max-steps"),
+                         ("--banana", None), ("--kl-epoch=3", "--kl-epochs")):
+        p = run_cli(wrong, "3", cwd=tmp_path) if "=" not in wrong else run_cli(wrong, cwd=tmp_path)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+        assert f"unknown flag {wrong.split('=')[0]}" in p.stderr
+        assert (f"did you mean {right}?" in p.stderr) if right else "did you mean" not in p.stderr
+
+
+def test_the_older_spellings_still_work(tiny_h5, tmp_path):
+    from src.main import build_parser
+
+    old = build_parser().parse_args(["--gen_dim", "7", "--readin_train", "false", "--max_steps",
+                                     "3"])
+    new = build_parser().parse_args(["--gen-dim", "7", "--no-readin-train", "--max-steps", "3"])
+    assert vars(old) == vars(new) and new.gen_dim == 7 and new.readin_train is False
+
+
+def test_a_folder_given_as_the_data_file_says_so(tiny_h5, tmp_path, capsys):
+    assert main(["--data", str(tiny_h5.parent), "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tiny_h5.parent} is a folder" in err and f"--data-dir {tiny_h5.parent}" in err
 
 
 def test_external_inputs_reach_the_test_trials_too(tiny_h5, tmp_path):
@@ -127,7 +173,7 @@ def test_figures_of_a_tiny_validation_split_and_a_single_factor(tiny_h5, tmp_pat
 def test_help_explains_every_flag_with_its_config_comment(capsys):
     import dataclasses
 
-    from src.cli import DATA_SIZES, field_comments
+    from src.main import DATA_SIZES, field_comments
     from src.model import LFADSConfig
     from src.trainer import TrainConfig
 
@@ -141,10 +187,8 @@ def test_help_explains_every_flag_with_its_config_comment(capsys):
             if f.name in DATA_SIZES:
                 continue
             assert len(comments.get(f.name, "")) > 10, f"{f.name} has no comment"
-            assert squeeze(comments[f.name]) in out, f.name
-    # comments that run over several lines arrive whole
-    assert squeeze("share of input elements held out of training by a fixed mask") in out
-    assert squeeze("its stationary variance is nvar / (1 - a^2)") in out
+            assert squeeze(comments[f.name] + f"(default: {f.default})") in out, f.name
+    assert squeeze("sample validation: share of input elements never trained on") in out
 
 
 def test_factors_follow_the_neurons_unless_given(tiny_h5, tmp_path):

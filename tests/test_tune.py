@@ -26,8 +26,8 @@ from src.tune import SPACE, Hyper, PopulationPlateau, SearchError, perturb, spac
 from tests.conftest import TINY_MODEL
 from tests.test_selection import scrambled
 
-SEARCH = ["--population", "4", "--workers", "2", "--generation_epochs", "2", "--max_steps", "50",
-          *TINY_MODEL, "--eval_every", "5"]
+SEARCH = ["--population", "4", "--workers", "2", "--generation-epochs", "2", "--max-steps", "50",
+          *TINY_MODEL, "--eval-every", "5"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -134,7 +134,7 @@ def test_an_exploit_copies_the_checkpoint_and_takes_every_new_hyperparameter(tin
                                         run_dir)
     tr = search_cli.member_trainer(setup, new, run_dir)
     assert parent == "member_01"
-    assert tr.step == donor["step"] == 20
+    assert tr.state.step == donor["loop"]["step"] == 20
     for k, v in donor["model"].items():
         assert torch.equal(tr.model.state_dict()[k], v), k
     saved = donor["optimizer"]["state"]
@@ -216,7 +216,7 @@ def test_the_best_member_is_exported_as_a_run_that_src_main_continues(finished):
     chosen = {}
     for m in os.listdir(out / "members"):
         ck = torch.load(out / "members" / m / "ckpt_last.pt", weights_only=False)
-        chosen[m] = ck["best"]
+        chosen[m] = ck["loop"]["best"]
     name = min(chosen, key=chosen.get)
     a = torch.load(best / "ckpt_best.pt", weights_only=False)["model"]
     b = torch.load(out / "members" / name / "ckpt_best.pt", weights_only=False)["model"]
@@ -307,6 +307,8 @@ def test_without_ray_the_error_says_how_to_install_it(monkeypatch, tiny_h5, caps
     (["--address", "127.0.0.1:1"], "--address 127.0.0.1:1: nothing answers there"),
     (["--population", "1"], "--population 1"),
     (["--lr", "0.1"], "--lr is the search's to set"),
+    (["--kl-ic-scale=3"], "--kl-ic-scale is the search's to set"),
+    (["--run-name", "x"], "--run is the search's to set"),
     (["--bounds", "lr=5"], "--bounds lr=5: expected NAME=LOW:HIGH"),
 ])
 def test_bad_settings_are_refused_by_name(tiny_h5, tmp_path, capsys, extra, words):

@@ -31,7 +31,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from src.utils import atomic_path, valid_counts_sha1  # noqa: E402
+from src.bench.panel import valid_counts_sha1  # noqa: E402
+from src.utils import atomic_path  # noqa: E402
 
 BASE_CONFIG = "configs/model/nlb_mc_maze_small.yaml"  # inside the lfads-torch checkout
 # The architecture of lfads-torch's MC_Maze-small config, whose regularisation is left to a

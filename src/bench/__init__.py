@@ -4,6 +4,7 @@
     python -m src.bench speed [...]     # how fast is a training step? (src/bench/speed.py)
     python -m src.bench panel [...]     # defaults on data never tuned on? (src/bench/panel.py)
     python -m src.bench tune [...]      # does a search beat them? (src/bench/tune.py)
+    python -m src.bench media [...]     # the figures of media/ and the README (src/bench/media.py)
 
 `python -m src.bench <name> --help` lists each one's flags.
 """
@@ -12,7 +13,7 @@ import importlib
 import sys
 
 BENCHES = {"quality": "src.bench.quality", "speed": "src.bench.speed",
-           "panel": "src.bench.panel", "tune": "src.bench.tune"}
+           "panel": "src.bench.panel", "tune": "src.bench.tune", "media": "src.bench.media"}
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,7 @@ rates that bench/lfads_torch/run.py wrote into DIR/<dataset>.h5 (docs/panel.md).
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -29,8 +30,16 @@ from src import main as lfads_main
 from src.bench.quality import TINY_FLAGS
 from src.data import load_session
 from src.metrics import rate_metrics, write_csv
-from src.synth import ChaoticRNNConfig, LorenzConfig, make_chaotic_rnn, make_lorenz, write_session
-from src.utils import atomic_write_text, valid_counts_sha1
+from src.synth import (
+    ChaoticRNNConfig,
+    LorenzBehaviorConfig,
+    LorenzConfig,
+    make_chaotic_rnn,
+    make_lorenz,
+    make_lorenz_behavior,
+    write_session,
+)
+from src.utils import FlagParser, atomic_write_text
 
 # The panel: sizes, rates and latent systems that span what users bring (docs/panel.md says
 # which recordings each one stands for). Trials = n_conditions x trials_per_condition, a fifth
@@ -72,13 +81,24 @@ PANEL = {
     "ibl_like": ChaoticRNNConfig(n_neurons=200, n_heldout=50, n_units=50, n_fp_bins=0,
                                  n_conditions=40, base_rate=4.5, rate_spread=0.6,
                                  readout_gain=0.5, input_magnitude=20.0),
+    # the quick start's neurons and spikes with behaviour read out from the latents (a 2-D
+    # "velocity" plus noise, a choice from its sign mid-trial): decoding has a known ceiling
+    "lorenz_behavior": LorenzBehaviorConfig(),
 }
-MAKERS = {LorenzConfig: make_lorenz, ChaoticRNNConfig: make_chaotic_rnn}
+MAKERS = {LorenzConfig: make_lorenz, ChaoticRNNConfig: make_chaotic_rnn,
+          LorenzBehaviorConfig: make_lorenz_behavior}
 
 # a few steps of a tiny model (src/bench/quality.py's), few posterior samples: a smoke test
-TINY = ["--n_samples", "3"]
+TINY = ["--n-samples", "3"]
 MAX_MINUTES = 8.0  # the training-time ceiling of every dataset: 9 x 8 min fits the 90 minutes
 
+
+
+def valid_counts_sha1(path: str) -> str:
+    """A fingerprint of a session file's validation counts: rates scored against a file must
+    come from a model run on that same file (the panel and bench/lfads_torch/run.py check it)."""
+    with h5py.File(path, "r") as f:
+        return hashlib.sha1(np.ascontiguousarray(f["valid_recon_data"][()]).tobytes()).hexdigest()
 
 def tiny(cfg):
     """The same generator and bin size at a size that trains a few steps in a second: a test."""
@@ -219,6 +239,47 @@ def write_table(out_dir: str, rows: list) -> str:
     return table
 
 
+DECODING_COLUMNS = [("behavior", "r2", "behaviour R2"), ("choice", "balanced_accuracy",
+                                                          "choice bal. acc.")]
+
+
+def decoding_row(name: str, out_dir: str) -> dict | None:
+    """The decoding scores of a dataset with behaviour: its run's summary.json "decoding" (what
+    src.main writes after training), computed now if missing; None for datasets without."""
+    from src.decode import decode_run, has_behaviour
+
+    run_dir = os.path.join(out_dir, "runs", name)
+    if not has_behaviour(os.path.join(out_dir, "data", f"{name}.h5")):
+        return None
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        dec = json.load(f).get("decoding") or decode_run(run_dir, plots=False)
+    row = {"dataset": name}
+    for target, metric, _ in DECODING_COLUMNS:
+        for src in ("lfads", "smoothed", "truth"):
+            if src in dec.get(target, {}):
+                row[f"{target}_{src}"] = dec[target][src][metric]
+    return row
+
+
+def write_decoding_table(out_dir: str, names: list) -> str:
+    """panel_decoding.md and .csv: behaviour decoded from the LFADS rates, the smoothed spikes
+    (baseline) and the true rates (ceiling), for the datasets with behaviour; "" if none."""
+    rows = [r for r in (decoding_row(n, out_dir) for n in names) if r]
+    if not rows:
+        return ""
+    heads = ["dataset"] + [f"{h}: {s}" for _, _, h in DECODING_COLUMNS
+                           for s in ("LFADS", "smoothed", "truth")]
+    keys = ["dataset"] + [f"{t}_{s}" for t, _, _ in DECODING_COLUMNS
+                          for s in ("lfads", "smoothed", "truth")]
+    fmt = lambda v: v if isinstance(v, str) else f"{v:.3f}"  # noqa: E731
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    lines += ["| " + " | ".join(fmt(r[k]) if k in r else "" for k in keys) + " |" for r in rows]
+    table = "\n".join(lines) + "\n"
+    atomic_write_text(os.path.join(out_dir, "panel_decoding.md"), table)
+    write_csv(os.path.join(out_dir, "panel_decoding.csv"), rows)
+    return table
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -227,7 +288,7 @@ def train(name: str, data_path: str, args) -> float | None:
     and figures), or None when src.main failed (its message is printed above)."""
     argv = ["--data", data_path, "--results-dir", os.path.join(args.out, "runs"), "--run", name,
             "--overwrite", *(TINY + TINY_FLAGS if args.tiny else []),
-            "--threads", str(args.threads), "--max_minutes", str(args.max_minutes),
+            "--threads", str(args.threads), "--max-minutes", str(args.max_minutes),
             "--seed", str(args.seed)]
     argv += ["--no-plots"] if args.no_plots else []
     print(f"== {name}: python -m src.main {' '.join(argv)}", flush=True)
@@ -256,15 +317,20 @@ def run_one(name: str, args, old: dict | None) -> dict | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m src.bench panel", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=list(PANEL), help="datasets to run")
-    p.add_argument("--out", default="results/bench_panel", help="data, runs and the table")
-    p.add_argument("--max_minutes", "--max-minutes", type=float, default=MAX_MINUTES,
+    p = FlagParser(prog="python -m src.bench panel", description=__doc__)
+    p.add_argument("--only", nargs="+", choices=list(PANEL), metavar="NAME",
+                   help=f"datasets to run, of: {' '.join(PANEL)} (default: all)")
+    p.add_argument("--out", default="results/bench_panel", metavar="DIR",
+                   help="data, runs and the table (default: %(default)s)")
+    p.add_argument("--max-minutes", type=float, default=MAX_MINUTES, metavar="MINUTES",
                    help=f"training-time ceiling, the same for every dataset (default: "
                    f"{MAX_MINUTES:g}); a run that plateaus earlier stops earlier")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="training seed of every run")
+    p.add_argument("--max_minutes", dest="max_minutes", type=float, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # an unlisted spelling
+    p.add_argument("--threads", type=int, default=2, metavar="N",
+                   help="torch CPU threads (default: 2)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="training seed of every run (default: 0)")
     p.add_argument("--no-plots", action="store_true", help="no figures in the run folders")
     p.add_argument("--data-only", action="store_true", help="write the datasets, train nothing")
     p.add_argument("--rescore", action="store_true", help="no training: score the runs "
@@ -278,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_minutes <= 0:
-        raise SystemExit(f"error: --max_minutes {args.max_minutes:g}: must be above 0; the "
+        raise SystemExit(f"error: --max-minutes {args.max_minutes:g}: must be above 0; the "
                          "panel's runs need a ceiling to fit their time budget")
     if args.reference and not os.path.isdir(args.reference):
         raise SystemExit(f"error: --reference {args.reference}: no such folder")
@@ -311,6 +377,10 @@ def main(argv=None) -> int:
     print("\nthe defaults on the panel (validation trials; rates of lfads_output.h5 against "
           "the truth; 'co-bps truth' scores the true rates):\n")
     print(table)
+    decoded = write_decoding_table(args.out, [r["dataset"] for r in table_rows])
+    if decoded:
+        print("behaviour decoded from the rates (validation trials; src.decode's defaults):\n")
+        print(decoded)
     if failed:
         print(f"error: training failed for {', '.join(failed)}")
         return 1

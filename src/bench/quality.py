@@ -29,8 +29,7 @@ import torch
 
 from src import main as lfads_main
 from src.data import load_session
-from src.infer import posterior_average
-from src.metrics import rate_metrics, region_bps, write_csv
+from src.metrics import posterior_average, rate_metrics, region_bps, write_csv
 from src.model import LFADS, LFADSConfig
 from src.synth import (
     ChaoticRNNConfig,
@@ -40,7 +39,7 @@ from src.synth import (
     make_lorenz,
     write_session,
 )
-from src.utils import atomic_write_text
+from src.utils import FlagParser, atomic_write_text
 
 PULSE_TOLERANCE = 2  # bins: an inferred pulse this close to the true one counts as found
 
@@ -52,32 +51,32 @@ class Dataset:
 
 
 # Training budget: each dataset trains in at most about 14 minutes on a 2-core CPU
-# (--max_minutes stops it otherwise); --threads 2 uses both cores.
-COMMON = ["--threads", "2", "--max_minutes", "14"]
+# (--max-minutes stops it otherwise); --threads 2 uses both cores.
+COMMON = ["--threads", "2", "--max-minutes", "14"]
 DATASETS = {
     # the quick start's data with 50 trials per condition instead of 20, and the reference
     # sizes (generator 200, factors 100) trained longer: a controller helps even on autonomous
     # Lorenz data, as the inputs correct the generator's small errors (docs/validation.md)
     "lorenz": Dataset(
         lambda: make_lorenz(LorenzConfig(trials_per_condition=50)),
-        ["--gen_dim", "200", "--fac_dim", "100", "--max_steps", "4000", "--kl_epochs", "30",
-         "--l2_epochs", "30", "--lr_patience", "3"]),
+        ["--gen-dim", "200", "--fac-dim", "100", "--max-steps", "4000", "--kl-epochs", "30",
+         "--l2-epochs", "30", "--lr-patience", "3"]),
     # autonomous, so no controller; 50 factors, as the true rates span all 50 units; the KL
     # waits 20 epochs, 500 steps (else the IC posterior collapses onto the prior), and a light
     # IC KL and no generator L2 leave room for a chaotic 50-dimensional state
     # (docs/validation.md)
     "chaotic_rnn": Dataset(
         lambda: make_chaotic_rnn(ChaoticRNNConfig()),
-        ["--co_dim", "0", "--gen_dim", "100", "--fac_dim", "50", "--max_steps", "8000",
-         "--kl_start", "20", "--kl_epochs", "40", "--kl_ic_scale", "0.03",
-         "--l2_gen_scale", "0", "--lr_patience", "1"]),
+        ["--co-dim", "0", "--gen-dim", "100", "--fac-dim", "50", "--max-steps", "8000",
+         "--kl-start", "20", "--kl-epochs", "40", "--kl-ic-scale", "0.03",
+         "--l2-gen-scale", "0", "--lr-patience", "1"]),
     # one input pulse per trial, which only the controller can explain; controller and its
     # encoder at 32 units, as the 100-step controller loop doubles the cost of a step
     "chaotic_rnn_pulses": Dataset(
         lambda: make_chaotic_rnn(ChaoticRNNConfig(input_magnitude=20.0)),
-        ["--co_dim", "1", "--gen_dim", "100", "--fac_dim", "20", "--con_dim", "32",
-         "--ci_enc_dim", "32", "--max_steps", "1800", "--kl_start", "20", "--kl_epochs", "40",
-         "--kl_ic_scale", "0.1"]),
+        ["--co-dim", "1", "--gen-dim", "100", "--fac-dim", "20", "--con-dim", "32",
+         "--ci-enc-dim", "32", "--max-steps", "1800", "--kl-start", "20", "--kl-epochs", "40",
+         "--kl-ic-scale", "0.1"]),
 }
 
 # a few seconds per dataset, for the test: tiny data, tiny model, a few steps
@@ -92,9 +91,9 @@ TINY = {
         n_conditions=6, trials_per_condition=5, n_neurons=10, n_heldout=3, n_bins=20,
         n_fp_bins=4, input_magnitude=20.0)),
 }
-TINY_FLAGS = ["--ic_enc_dim", "8", "--ci_enc_dim", "8", "--con_dim", "8", "--ic_dim", "4",
-              "--gen_dim", "16", "--fac_dim", "4", "--batch_size", "8", "--max_steps", "6",
-              "--eval_every", "3", "--kl_epochs", "1", "--l2_epochs", "1", "--threads", "1",
+TINY_FLAGS = ["--ic-enc-dim", "8", "--ci-enc-dim", "8", "--con-dim", "8", "--ic-dim", "4",
+              "--gen-dim", "16", "--fac-dim", "4", "--batch-size", "8", "--max-steps", "6",
+              "--eval-every", "3", "--kl-epochs", "1", "--l2-epochs", "1", "--threads", "1",
               "--no-plots"]
 
 
@@ -309,7 +308,7 @@ def run_one(name: str, args, extra_flags: list) -> dict:
         write_session(path, data, attrs)
         flags = TINY_FLAGS if args.tiny else COMMON + DATASETS[name].flags
         argv = ["--data", path, "--results-dir", runs, "--run", name, "--overwrite",
-                "--n_samples", "0", *flags, *extra_flags]  # sampling is done below, on valid
+                "--n-samples", "0", *flags, *extra_flags]  # sampling is done below, on valid
         print(f"== {name}: python -m src.main {' '.join(argv)}", flush=True)
         if lfads_main.main(argv) != 0:
             raise SystemExit(f"training {name} failed")
@@ -320,24 +319,33 @@ def run_one(name: str, args, extra_flags: list) -> dict:
     return row
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m src.bench quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=list(DATASETS), help="datasets to run")
-    p.add_argument("--out", default="results/bench_quality", help="data, runs and the table")
-    p.add_argument("--media", default="media", help="figures go here; '' for none")
-    p.add_argument("--samples", type=int, default=50, help="posterior samples (lfads-torch: 50)")
-    p.add_argument("--steps", type=int, help="override every dataset's --max_steps")
-    p.add_argument("--minutes", type=float, help="override the training time limit")
+def build_parser() -> argparse.ArgumentParser:
+    p = FlagParser(prog="python -m src.bench quality", description=__doc__)
+    p.add_argument("--only", nargs="+", choices=list(DATASETS), metavar="NAME",
+                   help=f"datasets to run, of: {' '.join(DATASETS)} (default: all)")
+    p.add_argument("--out", default="results/bench_quality", metavar="DIR",
+                   help="data, runs and the table (default: %(default)s)")
+    p.add_argument("--media", default="media", metavar="DIR",
+                   help="figures go here; '' for none (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=50, metavar="N",
+                   help="posterior samples (default: 50, as lfads-torch)")
+    p.add_argument("--steps", type=int, metavar="N",
+                   help="override every dataset's --max-steps")
+    p.add_argument("--minutes", type=float, metavar="MINUTES",
+                   help="override the training time limit (--max-minutes) of every dataset")
     p.add_argument("--tiny", action="store_true", help="tiny data and model: a smoke test")
     p.add_argument("--rescore", action="store_true",
                    help="no training: score the runs already in --out again")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     extra = []
     if args.steps is not None:
-        extra += ["--max_steps", str(args.steps)]
+        extra += ["--max-steps", str(args.steps)]
     if args.minutes is not None:
-        extra += ["--max_minutes", str(args.minutes)]
+        extra += ["--max-minutes", str(args.minutes)]
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "rows.json")
     rows = {}

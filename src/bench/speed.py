@@ -20,7 +20,7 @@ import torch
 
 from src.model import LFADS, LFADSConfig
 from src.reference import reference_forward
-from src.utils import autocast
+from src.utils import FlagParser, autocast
 
 # lfads-torch's NLB MC_Maze configuration (docs/design.md, Model facts from the references):
 # 35 encoder bins of 137 held-in neurons, 45 bins of 182 neurons reconstructed, batch 256,
@@ -32,9 +32,9 @@ CONFIGS = {
     "tiny": (LFADSConfig(n_in=6, n_out=8, t_enc=8, t_rec=10, ic_enc_dim=8, ci_enc_dim=8,
                          con_dim=8, co_dim=2, ic_dim=4, gen_dim=16, fac_dim=4), 4),
 }
-# ms per training step of lfads-torch at the MC_Maze configuration, measured on this
-# project's 2-core development machine (torch 2.13 CPU, 2 threads; issue 5). Quoted, not
-# re-measured here: lfads-torch is not a dependency.
+# ms per training step of lfads-torch at the MC_Maze configuration, measured on a 2-core CPU
+# (torch 2.13, 2 threads; docs/performance.md). Quoted, not re-measured here: lfads-torch is
+# not a dependency.
 LFADS_TORCH_MS = 670.0
 
 FLOP_FORMULA = """\
@@ -150,19 +150,26 @@ def ratios(name: str, med: dict, device) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m src.bench speed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(prog="python -m src.bench speed", description=__doc__)
     p.add_argument("--configs", nargs="+", default=["mc_maze", "quickstart"],
-                   choices=list(CONFIGS), help="sizes to time (default: %(default)s)")
+                   choices=list(CONFIGS), metavar="NAME", help=f"sizes to time, of: "
+                   f"{' '.join(CONFIGS)} (default: mc_maze quickstart)")
     p.add_argument("--paths", nargs="+", default=["fast", "reference"],
-                   choices=["fast", "reference"], help="(default: %(default)s)")
+                   choices=["fast", "reference"], metavar="PATH",
+                   help="forward passes to time: fast (src/model.py), reference (the per-step "
+                   "src/reference.py) (default: fast reference)")
     p.add_argument("--threads", nargs="+", type=int, default=[torch.get_num_threads()],
-                   help="torch CPU thread counts to try (default: torch's, %(default)s)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default: %(default)s)")
+                   metavar="N", help="torch CPU thread counts to try (default: torch's, "
+                   f"{torch.get_num_threads()})")
+    p.add_argument("--steps", type=int, default=20, metavar="N",
+                   help="timed steps (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=5, metavar="N",
+                   help="untimed steps first (default: %(default)s)")
+    p.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N,mps}",
+                   help="where to time (default: %(default)s)")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                   help="matrix-product precisions to time (default: %(default)s)")
+                   metavar="{fp32,bf16}", help="matrix-product precisions to time "
+                   "(default: fp32)")
     return p
 
 
@@ -171,7 +178,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if min(a.threads) < 1:
         p.error(f"--threads {' '.join(map(str, a.threads))}: each count must be at least 1")
-    device = torch.device(a.device)
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        p.error(f"--device {a.device}: expected cpu, cuda, cuda:N or mps")
     print(FLOP_FORMULA)
     rows = []
     for threads in a.threads:

@@ -25,23 +25,23 @@ from src import tune as search
 from src.bench.panel import PANEL, TINY, evaluate, generate
 from src.bench.quality import TINY_FLAGS
 from src.metrics import write_csv
-from src.utils import atomic_write_text
+from src.utils import FlagParser, atomic_write_text
 
 NAMES = ["ibl_like", "crnn"]
 # generations of one evaluation period (100 steps) and exploits from epoch 30: with 8 members
 # on 2 cores a member trains a quarter as fast as a single run, and lfads-torch's 25 and 105
 # epochs (sized for 20 members on GPUs) would leave crnn, at 19 steps per epoch, short of its
 # first exploit after 25 minutes
-BENCH_SEARCH = ["--generation_epochs", "5", "--burn_in_epochs", "30"]
+BENCH_SEARCH = ["--generation-epochs", "5", "--burn-in-epochs", "30"]
 # the tiny search: a few generations of the tiny model
-TINY_SEARCH = ["--generation_epochs", "1", "--max_steps", "12", "--population", "4"]
+TINY_SEARCH = ["--generation-epochs", "1", "--max-steps", "12", "--population", "4"]
 
 
 def default_run(name: str, data: str, args) -> dict:
     """The default settings, with the search's wall time as ceiling."""
     runs = os.path.join(args.out, "runs")
     argv = ["--data", data, "--results-dir", runs, "--run", name, "--overwrite", "--no-plots",
-            "--threads", str(args.workers), "--max_minutes", str(args.minutes),
+            "--threads", str(args.workers), "--max-minutes", str(args.minutes),
             *(TINY + TINY_FLAGS if args.tiny else [])]
     print(f"== {name}, the defaults: python -m src.main {' '.join(argv)}", flush=True)
     t0 = time.time()
@@ -57,9 +57,9 @@ def search_run(name: str, data: str, args) -> dict:
     if os.path.isfile(os.path.join(out, "search.json")):
         raise SystemExit(f"error: {out} holds an earlier search; move it away first")
     argv = ["--data", data, "--out", out, "--population", str(args.population), "--workers",
-            str(args.workers), "--max_minutes", str(args.minutes), "--seed", str(args.seed),
+            str(args.workers), "--max-minutes", str(args.minutes), "--seed", str(args.seed),
             *BENCH_SEARCH]
-    argv += TINY_SEARCH + TINY + without(TINY_FLAGS, "--max_steps") if args.tiny else []
+    argv += TINY_SEARCH + TINY + without(TINY_FLAGS, "--max-steps") if args.tiny else []
     print(f"== {name}, the search: python -m src.tune {' '.join(argv)}", flush=True)
     t0 = time.time()
     if search.main(argv) != 0:
@@ -94,17 +94,20 @@ def table(rows: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m src.bench tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=list(PANEL), help=f"datasets (default: "
-                   f"{' '.join(NAMES)})")
-    p.add_argument("--out", default="results/bench_tune", help="data, runs and the table")
-    p.add_argument("--minutes", type=float, default=25.0, help="wall minutes of each search, "
-                   "and the ceiling of each default run (default: 25)")
-    p.add_argument("--population", type=int, default=8, help="members (default: 8)")
-    p.add_argument("--workers", type=int, default=2, help="members at once, and the default "
-                   "run's threads (default: 2, this machine's cores)")
-    p.add_argument("--seed", type=int, default=0, help="the search's seed")
+    p = FlagParser(prog="python -m src.bench tune", description=__doc__)
+    p.add_argument("--only", nargs="+", choices=list(PANEL), metavar="NAME",
+                   help=f"datasets, of: {' '.join(PANEL)} (default: {' '.join(NAMES)})")
+    p.add_argument("--out", default="results/bench_tune", metavar="DIR",
+                   help="data, runs and the table (default: %(default)s)")
+    p.add_argument("--minutes", type=float, default=25.0, metavar="MINUTES",
+                   help="wall minutes of each search, and the ceiling of each default run "
+                   "(default: 25)")
+    p.add_argument("--population", type=int, default=8, metavar="N",
+                   help="members (default: 8)")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="members at once, and "
+                   "the default run's threads (default: 2, this machine's cores)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="the search's seed (default: 0)")
     p.add_argument("--tiny", action="store_true", help="tiny data and model: a smoke test")
     return p
 

@@ -241,10 +241,32 @@ def _write_trials(ses, table, rng, revisions=("", NEWER_TRIALS_REVISION), short=
         np.save(alf / "_ibl_trials.quiescencePeriod.npy", rng.uniform(0.4, 0.7, n - short))
         t_wheel = np.arange(0, table["intervals_1"][-1], 0.01)
         np.save(alf / "_ibl_wheel.timestamps.npy", t_wheel)
-        np.save(alf / "_ibl_wheel.position.npy", np.cumsum(rng.normal(0, 1e-3, t_wheel.size)))
+        drift = np.cumsum(rng.normal(0, 1e-3, t_wheel.size))  # the mouse's small jiggles
+        position = _wheel_position(t_wheel, table) + drift
+        np.save(alf / "_ibl_wheel.position.npy", np.round(position / WHEEL_TICK) * WHEEL_TICK)
         np.save(alf / "_ibl_wheelMoves.intervals.npy", np.c_[table["goCue_times"],
                                                             table["response_times"]])
         np.save(alf / "_ibl_wheelMoves.peakAmplitude.npy", rng.normal(0, 0.2, n))
+
+
+WHEEL_TURN = 0.28  # rad: the turn that brings the stimulus to the centre (35 visual degrees
+#                    at 4 degrees per mm of a 31 mm wheel's rim)
+WHEEL_TICK = 2 * np.pi / 4096  # rad: the rotary encoder's resolution (1024 lines, x4 decoding)
+
+
+def _wheel_position(t, table) -> np.ndarray:
+    """Wheel angle (rad, counter-clockwise positive, as the ALF wheel object) at times t: in each
+    trial with a choice, one minimum-jerk turn of WHEEL_TURN from first movement to response,
+    counter-clockwise for choice -1 and clockwise for 1 (ALF: choice -1 turns the wheel
+    counter-clockwise)."""
+    pos = np.zeros(t.size)
+    for k in range(len(table["stimOn_times"])):
+        t0, t1, c = table["firstMovement_times"][k], table["response_times"][k], table["choice"][k]
+        if not (np.isfinite(t0) and np.isfinite(t1) and c in (-1, 1)):
+            continue
+        s = np.clip((t - t0) / (t1 - t0), 0, 1)
+        pos += -c * WHEEL_TURN * (10 * s**3 - 15 * s**4 + 6 * s**5)  # minimum jerk, 0 -> 1
+    return pos
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,11 @@ brainwidemap/bwm_loading.py), for each insertion of the release (tag
            paper, a session must have more than 400 trials with over 90% correct on easy
            (contrast >= 50%) trials, else it is cut to the longest start that does or skipped.
            --trials-include bwm_include takes the paper's own column instead.
+  wheel    alf/_ibl_wheel.position and .timestamps, the latest on or before the trials revision
+           (as the paper's SessionLoader.load_wheel): velocity in rad/s, counter-clockwise
+           positive, from brainbox's interpolate_position (1 kHz) and velocity_filtered (20 Hz
+           low-pass), averaged over each bin: `{split}_behavior`. A wheel that cannot be loaded
+           leaves the file without behaviour, and the manifest's reason says why.
 Spikes of the kept units are counted in bins around a task event; trials are split into
 train/valid and units into held-in/held-out. Every insertion gets a row in data/manifest.csv
 (ok / skipped / failed, with the reason and the bytes downloaded); a rerun skips what is done.
@@ -32,6 +37,7 @@ import argparse
 import csv
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -44,6 +50,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+from src.binning import bin_spikes
 
 log = logging.getLogger("prep_data")
 
@@ -89,6 +97,7 @@ class PrepConfig:
     revision: str = "2024-05-06"  # its revision; every spike-sorting file read must have it
     trials_revision: str = "2024-07-10"  # trials: the latest revision on or before this date
     # (the paper's MODIFIED_BEFORE); newer trials revisions exist
+    wheel: bool = True  # bin the wheel's velocity (rad/s) like the spikes, as {split}_behavior
 
     @property
     def n_bins(self) -> int:
@@ -229,52 +238,6 @@ def bwm_include_mask(trials, table, eid: str, cfg: PrepConfig) -> np.ndarray:
     ok = np.zeros(len(trials), dtype=bool)
     ok[:n] = rows["bwm_include"].to_numpy(dtype=bool)
     return ok & trials[cfg.align_event].notna().to_numpy()
-
-
-def bin_spikes(times, clusters, unit_ids, starts, n_bins: int, bin_size: float,
-               chunk_spikes: int = 2_000_000, chunk_cells: int = 4_000_000) -> np.ndarray:
-    """Spike counts (trials, n_bins, units) of units `unit_ids` in windows [start, start + n_bins
-    * bin_size), column n counting cluster unit_ids[n].
-
-    Time and memory scale with the spikes inside the windows, never with recording length x
-    units: each window's spikes are found by binary search in the sorted spike times, and
-    counted with one bincount on flat (trial, bin, unit) indices, a chunk of trials at a time
-    (at most chunk_spikes spikes and chunk_cells output cells, so 16 + 32 MB of temporaries).
-    """
-    times = np.asarray(times)
-    clusters = np.asarray(clusters)
-    starts = np.asarray(starts, dtype=np.float64)
-    unit_ids = np.asarray(unit_ids, dtype=np.int64)
-    if times.size > 1 and np.any(times[1:] < times[:-1]):  # ALF spikes.times are sorted; be safe
-        order = np.argsort(times, kind="stable")
-        times, clusters = times[order], clusters[order]
-    n_trials, n_units = starts.size, unit_ids.size
-    column = np.full(max(int(clusters.max(initial=0)), int(unit_ids.max(initial=0))) + 1, -1,
-                     dtype=np.int64)
-    column[unit_ids] = np.arange(n_units)  # cluster id -> output column, -1 for other units
-    lo = np.searchsorted(times, starts, side="left")
-    hi = np.searchsorted(times, starts + n_bins * bin_size, side="left")
-    counts = np.zeros((n_trials, n_bins, n_units), dtype=np.uint16)
-    k0 = 0
-    max_trials = max(1, chunk_cells // max(1, n_bins * n_units))
-    while k0 < n_trials:
-        n_in = np.cumsum(hi[k0:] - lo[k0:])
-        k1 = k0 + max(1, int(np.searchsorted(n_in, chunk_spikes, side="right")))
-        k1 = min(k1, k0 + max_trials, n_trials)
-        per = hi[k0:k1] - lo[k0:k1]
-        trial = np.repeat(np.arange(k1 - k0), per)
-        idx = np.repeat(lo[k0:k1] - np.cumsum(per) + per, per) + np.arange(per.sum())
-        col = column[clusters[idx]]
-        keep = col >= 0
-        trial, idx, col = trial[keep], idx[keep], col[keep]
-        b = ((times[idx] - starts[k0 + trial]) / bin_size).astype(np.int64)
-        np.clip(b, 0, n_bins - 1, out=b)  # a spike a rounding error inside the last edge
-        flat = (trial * n_bins + b) * n_units + col
-        chunk = np.bincount(flat, minlength=(k1 - k0) * n_bins * n_units)
-        counts[k0:k1] = chunk.reshape(k1 - k0, n_bins, n_units)
-        del chunk  # before the next bincount allocates its own
-        k0 = k1
-    return counts
 
 
 def smallest_uint(a: np.ndarray):
@@ -627,6 +590,61 @@ def load_spikes(one, ssl, cfg: PrepConfig, good_ids, attributes=("times", "clust
 
 
 # ---------------------------------------------------------------------------------------------
+# the wheel
+
+
+def load_wheel(one, eid: str, cfg: PrepConfig) -> tuple:
+    """The session's wheel.timestamps and wheel.position (collection alf, the latest on or
+    before cfg.trials_revision, as SessionLoader.load_wheel reads them with the paper's
+    revision), and the files read, relative to the session."""
+    from one.alf.io import load_object
+
+    files = one.load_object(eid, "wheel", collection="alf", revision=cfg.trials_revision,
+                            attribute=["position", "timestamps"], download_only=True)
+    wheel = load_object(files)
+    t, pos = np.asarray(wheel["timestamps"], float), np.asarray(wheel["position"], float)
+    if t.shape != pos.shape or t.ndim != 1 or t.size < 2:
+        raise ValueError(f"wheel.timestamps {t.shape} and wheel.position {pos.shape} must be "
+                         "two vectors of the same length")
+    return t, pos, [Path(f).relative_to(one.eid2path(eid)).as_posix() for f in files]
+
+
+def bin_wheel(timestamps, position, starts, n_bins: int, bin_size: float,
+              fs: float = 1000.0) -> np.ndarray:
+    """Wheel velocity in rad/s (trials, n_bins) in the windows [start, start + n_bins *
+    bin_size): the position resampled at fs and differentiated after a 20 Hz low-pass filter
+    (brainbox's interpolate_position and velocity_filtered, with the defaults of ibllib's
+    SessionLoader.load_wheel), averaged over the samples in each bin."""
+    from brainbox.behavior.wheel import interpolate_position, velocity_filtered
+
+    pos, t = interpolate_position(timestamps, position, freq=fs)
+    vel, _ = velocity_filtered(pos, fs)  # (samples,) rad/s
+    edges = np.asarray(starts, float)[:, None] + bin_size * np.arange(n_bins + 1)  # (trials, T+1)
+    if edges.min() < t[0] or edges.max() > t[-1]:
+        raise ValueError(f"the wheel covers {t[0]:.1f}-{t[-1]:.1f} s, not every trial's window "
+                         f"({edges.min():.1f}-{edges.max():.1f} s)")
+    idx = np.searchsorted(t, edges)  # first sample at or after each edge
+    csum = np.r_[0.0, np.cumsum(vel)]
+    n = np.diff(idx, axis=1)  # samples per bin
+    if n.min() < 1:
+        raise ValueError(f"bins of {bin_size:g} s hold no sample at {fs:g} Hz")
+    return (csum[idx[:, 1:]] - csum[idx[:, :-1]]) / n
+
+
+def wheel_behaviour(one, eid: str, starts, cfg: PrepConfig) -> tuple:
+    """{"values": (trials, T, 1) rad/s, "names", "units"} for write_session and the files read,
+    or (None, reason) when the wheel cannot be loaded or does not cover the windows."""
+    try:
+        t, pos, read = load_wheel(one, eid, cfg)
+        vel = bin_wheel(t, pos, starts, cfg.n_bins, cfg.bin_size)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # a missing or broken wheel costs the behaviour, not the insertion
+        return None, f"no wheel: {type(e).__name__}: {e}".replace("\n", " ")
+    return {"values": vel[:, :, None], "names": ["wheel_velocity"], "units": "rad/s"}, read
+
+
+# ---------------------------------------------------------------------------------------------
 # one insertion
 
 
@@ -651,6 +669,7 @@ def prepare(one, ins: dict, cfg: PrepConfig, allowed_ids: np.ndarray, out_path: 
     counts = bin_spikes(spikes["times"], spikes["clusters"], chosen, starts, cfg.n_bins,
                         cfg.bin_size)
     del spikes
+    behaviour, wheel_read = wheel_behaviour(one, eid, starts, cfg) if cfg.wheel else (None, [])
     rng = np.random.default_rng(cfg.seed)
     train, valid = split_trials(kept.size, cfg.valid_frac, rng)
     n_out = min(int(round(cfg.heldout_frac * chosen.size)), chosen.size - 1)  # keep one held in
@@ -662,15 +681,17 @@ def prepare(one, ins: dict, cfg: PrepConfig, allowed_ids: np.ndarray, out_path: 
     attrs = {"pid": pid, "eid": eid, "probe": probe, "tag": cfg.tag,
              "collection": _sorting(cfg, probe)["collection"], "revision": cfg.revision,
              "trials_revision": cfg.trials_revision, "trials_include": cfg.trials_include,
-             "datasets": json.dumps(read + trials_read + spikes_read),
+             "datasets": json.dumps(read + trials_read + spikes_read +
+                                    (wheel_read if behaviour else [])),
              "align_event": cfg.align_event,
              "t_before": cfg.t_before, "t_after": cfg.t_after, "bin_size": cfg.bin_size,
              "n_heldin": int((~heldout).sum()), "n_heldout": n_out,
              "regions": json.dumps(list(cfg.regions)), "settings": json.dumps(cfg.settings()),
              "settings_hash": cfg.settings_hash(), "session_ref": _session_ref(one, eid),
              "source": "IBL via ONE " + _origin(one), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_session(out_path, counts, train, valid, kept, chosen, units, trials, attrs)
-    return {"n_units": int(chosen.size), "n_trials": int(kept.size)}
+    write_session(out_path, counts, train, valid, kept, chosen, units, trials, attrs, behaviour)
+    note = "" if behaviour or not cfg.wheel else f"; {wheel_read}"  # why there is no wheel
+    return {"n_units": int(chosen.size), "n_trials": int(kept.size), "reason": "prepared" + note}
 
 
 def _session_ref(one, eid):
@@ -684,7 +705,8 @@ def _origin(one):
     return f"cache {one.cache_dir}" if one.offline else one.alyx.base_url
 
 
-def write_session(path: Path, counts, train, valid, kept, chosen, units, trials, attrs):
+def write_session(path: Path, counts, train, valid, kept, chosen, units, trials, attrs,
+                  behaviour=None):
     """Write the session file that src.main reads (README), atomically: a temporary name in
     the same folder, renamed when complete, removed on any error or Ctrl-C."""
     n_in = attrs["n_heldin"]
@@ -698,6 +720,10 @@ def write_session(path: Path, counts, train, valid, kept, chosen, units, trials,
                 f.create_dataset(f"{split}_encod_data", data=c[:, :, :n_in], **gz)
                 f.create_dataset(f"{split}_recon_data", data=c, **gz)
                 f.create_dataset(f"{split}_inds", data=kept[rows])  # rows of the trials table
+                if behaviour:  # the NLB tools' per-bin behaviour: (trials, T, dims), names, units
+                    b = f.create_dataset(f"{split}_behavior", data=behaviour["values"][rows]
+                                         .astype(np.float32), **gz)
+                    b.attrs.update(names=behaviour["names"], units=behaviour["units"])
             f["cluster_ids"] = chosen
             f["cluster_uuids"] = units["uuids"][chosen].astype("S36")
             f["acronyms"] = np.asarray(units["acronym"], dtype=str)[chosen].astype("S")
@@ -811,7 +837,9 @@ def already_prepared(ins: dict, old: dict, out_path: Path, h: str, manifest_path
     numbers = ({k: old[k] for k in ("n_units", "n_trials")} if kept else
                prepared_numbers(out_path))
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    row = {**ins, "settings": h, **numbers, "status": "ok", "reason": "prepared",
+    reason = old.get("reason", "") if kept else ""  # keep the note on a missing wheel
+    row = {**ins, "settings": h, **numbers, "status": "ok",
+           "reason": reason if reason.startswith("prepared") else "prepared",
            "bytes_downloaded": old.get("bytes_downloaded", "") if kept else "",
            "updated": old.get("updated", "") if kept else now}
     if any(str(row.get(k, "")) != old.get(k, "") for k in MANIFEST_FIELDS):
@@ -826,8 +854,8 @@ def prepare_one(one, ins: dict, cfg, allowed, out_path: Path, table, h: str) -> 
     session = _session_path(one, ins["eid"])
     before = folder_bytes(session)
     try:
-        row.update(prepare(one, ins, cfg, allowed, out_path, table), status="ok",
-                   reason="prepared")
+        row.update({"status": "ok", "reason": "prepared",
+                    **prepare(one, ins, cfg, allowed, out_path, table)})
     except Skip as e:
         row.update(status="skipped", reason=str(e))
     except KeyboardInterrupt:
@@ -852,32 +880,40 @@ def _session_path(one, eid):
 def build_parser() -> argparse.ArgumentParser:
     """The flags, one add_argument each (a long function, but a flat list of flags)."""
     d = PrepConfig()
-    p = argparse.ArgumentParser(prog="python -m src.prep_data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pids", nargs="+", help="probe insertion ids (default: the whole release)")
-    p.add_argument("--regions", nargs="+", default=list(d.regions),
+    p = parser_class()(prog="python -m src.prep_data", description=__doc__)
+    p.add_argument("--pids", nargs="+", metavar="PID",
+                   help="probe insertion ids (default: the whole release)")
+    p.add_argument("--regions", nargs="+", default=list(d.regions), metavar="ACRONYM",
                    help=f"Allen acronyms, descendants included (default: {' '.join(d.regions)})")
-    p.add_argument("--align", default=d.align_event,
-                   help=f"trials event (default: {d.align_event})")
+    p.add_argument("--align", default=d.align_event, metavar="EVENT",
+                   help=f"trials-table event the windows are aligned to (default: "
+                        f"{d.align_event})")
     p.add_argument("--window", nargs=2, type=float, metavar=("START", "END"),
                    default=[-d.t_before, d.t_after],
                    help=f"seconds around the event (default: {-d.t_before:g} {d.t_after:g})")
-    p.add_argument("--bin-size", type=float, default=d.bin_size,
-                   help="seconds (default: %(default)s)")
-    p.add_argument("--heldout-frac", type=float, default=d.heldout_frac,
-                   help="(default: %(default)s)")
-    p.add_argument("--valid-frac", type=float, default=d.valid_frac, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
-    p.add_argument("--min-units", type=int, default=d.min_units, help="(default: %(default)s)")
-    p.add_argument("--min-trials", type=int, default=d.min_trials, help="(default: %(default)s)")
-    p.add_argument("--min-rt", type=float, default=d.min_rt,
+    p.add_argument("--bin-size", type=float, default=d.bin_size, metavar="S",
+                   help="seconds per bin (default: %(default)s)")
+    p.add_argument("--heldout-frac", type=float, default=d.heldout_frac, metavar="F",
+                   help="share of units held out (default: %(default)s)")
+    p.add_argument("--valid-frac", type=float, default=d.valid_frac, metavar="F",
+                   help="share of trials in the validation split (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, metavar="N",
+                   help="for the trial split and the held-out units (default: %(default)s)")
+    p.add_argument("--min-units", type=int, default=d.min_units, metavar="N",
+                   help="fewer good units in the regions: the insertion is skipped "
+                        "(default: %(default)s)")
+    p.add_argument("--min-trials", type=int, default=d.min_trials, metavar="N",
+                   help="fewer trials kept: the insertion is skipped (default: %(default)s)")
+    p.add_argument("--min-rt", type=float, default=d.min_rt, metavar="S",
                    help="seconds; a shorter reaction time drops the trial (default: %(default)s)")
-    p.add_argument("--max-rt", type=float, default=d.max_rt,
+    p.add_argument("--max-rt", type=float, default=d.max_rt, metavar="S",
                    help="seconds; a longer one drops it too (default: %(default)s)")
-    p.add_argument("--no-truncate", action="store_true",
-                   help="keep sessions whole that fail the paper's criterion of more than 400 "
-                        "trials with over 90%% correct on easy trials (default: cut them to the "
-                        "longest start that passes, or skip them, as the paper)")
+    p.add_argument("--truncate", action=argparse.BooleanOptionalAction,
+                   default=d.truncate_to_pass,
+                   help="a session that fails the paper's criterion of more than 400 trials "
+                        "with over 90%% correct on easy trials is cut to the longest start "
+                        "that passes, or skipped, as the paper; --no-truncate keeps it whole "
+                        "(default: --truncate)")
     p.add_argument("--trials-include", choices=("filters", "bwm_include"),
                    default=d.trials_include,
                    help="filters: the rules above, computed here; bwm_include: the column of the "
@@ -885,34 +921,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials-table", metavar="PQT",
                    help="the aggregate trials table for --trials-include bwm_include (default: "
                         "<cache>/bwm_tables/trials.pqt, downloaded there when online)")
-    p.add_argument("--trials-revision", default=d.trials_revision,
+    p.add_argument("--trials-revision", default=d.trials_revision, metavar="DATE",
                    help="trials: the latest revision on or before this date (default: "
                         "%(default)s, the paper's)")
-    p.add_argument("--spike-sorter", default=d.spike_sorter,
+    p.add_argument("--spike-sorter", default=d.spike_sorter, metavar="NAME",
                    help="sorting collection alf/<probe>/<this> (default: %(default)s, the "
                         "release's)")
-    p.add_argument("--revision", default=d.revision,
+    p.add_argument("--revision", default=d.revision, metavar="DATE",
                    help="spike-sorting revision; every file read must have it "
                         "(default: %(default)s)")
-    p.add_argument("--tag", default=d.tag,
+    p.add_argument("--tag", default=d.tag, metavar="TAG",
                    help="Alyx dataset tag of the release (default: %(default)s)")
-    p.add_argument("--out-dir", default="data", help="(default: %(default)s)")
-    p.add_argument("--max-insertions", type=int, default=0, help="stop after N (0: all)")
+    p.add_argument("--wheel", action=argparse.BooleanOptionalAction, default=d.wheel,
+                   help="the wheel's velocity per bin, as {split}_behavior; --no-wheel leaves "
+                        "it out (default: --wheel)")
+    p.add_argument("--out-dir", default="data", metavar="DIR",
+                   help="where the session files and manifest.csv go (default: %(default)s)")
+    p.add_argument("--max-insertions", type=int, default=0, metavar="N",
+                   help="stop after N insertions (default: 0, all)")
     p.add_argument("--overwrite", action="store_true", help="redo files already prepared")
-    p.add_argument("--anatomy", default=str(ANATOMY_CSV), help="region table (media/anatomy.csv)")
+    p.add_argument("--anatomy", default=str(ANATOMY_CSV), metavar="CSV",
+                   help="the region table (default: media/anatomy.csv)")
     g = p.add_argument_group("connection (flags win over the environment variables)")
-    g.add_argument("--cache-dir", default=os.environ.get("ONE_CACHE_DIR"),
+    g.add_argument("--cache-dir", default=os.environ.get("ONE_CACHE_DIR"), metavar="DIR",
                    help="ONE cache folder (env ONE_CACHE_DIR; default: ONE's own)")
     g.add_argument("--local", action="store_true", help="offline, on the cache in --cache-dir")
     g.add_argument("--base-url", default=os.environ.get("ALYX_BASE_URL", PUBLIC_URL),
-                   help="Alyx database (env ALYX_BASE_URL; default: the public one)")
+                   metavar="URL", help="Alyx database (env ALYX_BASE_URL; default: the public "
+                   "one)")
     g.add_argument("--username", default=os.environ.get("ALYX_USERNAME", PUBLIC_USER),
-                   help="(env ALYX_USERNAME; default: the public account %(default)s)")
+                   metavar="NAME", help="Alyx user (env ALYX_USERNAME; default: the public "
+                   "account %(default)s)")
     g.add_argument("--password", default=os.environ.get("ALYX_PASSWORD", PUBLIC_PASSWORD),
-                   help="(env ALYX_PASSWORD; default: the public account's)")
+                   metavar="PASSWORD", help="Alyx password (env ALYX_PASSWORD; default: the "
+                   "public account's)")
     p.add_argument("--export-anatomy", metavar="CSV",
                    help="write iblatlas's region table to CSV and exit")
     return p
+
+
+def parser_class():
+    """src.utils.FlagParser (a misspelt flag is answered with the nearest one) where torch,
+    which src.utils imports, is installed; else argparse without prefix abbreviations, as the
+    preparation itself needs no torch."""
+    try:
+        from src.utils import FlagParser
+    except ImportError:
+        return functools.partial(argparse.ArgumentParser, allow_abbrev=False)
+    return FlagParser
 
 
 def config_from_args(a) -> PrepConfig:
@@ -921,8 +977,8 @@ def config_from_args(a) -> PrepConfig:
                       max_rt=a.max_rt, heldout_frac=a.heldout_frac, valid_frac=a.valid_frac,
                       seed=a.seed, min_units=a.min_units, min_trials=a.min_trials, tag=a.tag,
                       revision=a.revision, spike_sorter=a.spike_sorter,
-                      truncate_to_pass=not a.no_truncate, trials_include=a.trials_include,
-                      trials_revision=a.trials_revision)
+                      truncate_to_pass=a.truncate, trials_include=a.trials_include,
+                      trials_revision=a.trials_revision, wheel=a.wheel)
 
 
 def main(argv=None) -> int:
