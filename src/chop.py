@@ -22,13 +22,13 @@ ones to score validation on.
 Legend: K segments, T bins per segment, N neurons, S bins of the merged series.
 """
 
-import json
 import os
 import shutil
 
 import h5py
 import numpy as np
 
+from src.main import run_outputs
 from src.utils import atomic_path
 
 MERGED = ("rates", "factors", "co_means")  # per-bin outputs of lfads_output.h5 that merge
@@ -96,24 +96,15 @@ def is_chopped(path: str) -> bool:
         return False
 
 
-def _output_name(session_path: str, several: bool) -> str:
-    # the run folder's naming: one file for one session, one per session when stitched
-    name = os.path.splitext(os.path.basename(session_path))[0]
-    return f"lfads_output_{name}.h5" if several else "lfads_output.h5"
-
-
 def merge_run(run_dir: str) -> list:
     """Merge the segments of every chopped session of a trained run into continuous series,
     added to its lfads_output.h5 (atomically): merged_{rates,factors,co_means} (S, N or F or
     U), merged_times (S,) bin start times in seconds, merged_valid (S,) bool (valid_bins).
     Returns the output files written (none when no session of the run is chopped)."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        data = json.load(f)["data"]
-    paths = data if isinstance(data, list) else [data]
     written = []
-    for path in paths:
+    for path, name in run_outputs(run_dir):
         if is_chopped(path):
-            out = os.path.join(run_dir, _output_name(path, len(paths) > 1))
+            out = os.path.join(run_dir, name)
             merge_output(path, out)
             written.append(out)
     return written

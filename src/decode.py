@@ -43,6 +43,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from src.data import DataError, load_session
+from src.main import run_outputs
 from src.metrics import write_csv
 from src.utils import FlagParser, HelpFormatter, atomic_write_text
 
@@ -470,20 +471,6 @@ def psth_scores(fixed: dict, counts: dict, conditions: dict, n_in: int, cfg, bin
 # the run folder
 
 
-def run_sessions(run_dir: str) -> list:
-    """(session file, output file name) of each session a run trained on."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise DataError(f"{run_dir}: no config.json: not a run folder of src.main")
-    with open(path) as f:
-        data = json.load(f).get("data")
-    if not data:
-        raise DataError(f"{path}: no 'data' key (the session file)")
-    if isinstance(data, str):
-        return [(data, "lfads_output.h5")]
-    return [(p, f"lfads_output_{os.path.splitext(os.path.basename(p))[0]}.h5") for p in data]
-
-
 def decode_file(run_dir: str, data_path: str, output: str, cfg: DecodeConfig) -> tuple:
     session = load_session(data_path)
     shapes = {s: tuple(getattr(session, s).recon.shape) for s in ("train", "valid")}
@@ -502,7 +489,7 @@ def decode_run(run_dir: str, cfg: DecodeConfig | None = None, plots: bool = True
     decoding.png; return the decoding results ({target: {source: scores}}, or one such dict
     per session name for a stitched run). Keyword overrides set DecodeConfig fields."""
     cfg = replace(cfg or DecodeConfig(), **overrides)
-    pairs = run_sessions(run_dir)
+    pairs = run_outputs(run_dir)
     each, extras = {}, {}
     with threadpool_limits(cfg.threads):
         for data_path, output in pairs:

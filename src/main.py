@@ -220,7 +220,8 @@ def export(trainer) -> list[dict]:
         outputs = {k: posterior_average(trainer.model, enc, ext, n, device=trainer.device,
                                         precision=trainer.tcfg.precision, **trainer.kw(i))
                    for k, (enc, ext) in splits.items()}
-        write_outputs(os.path.join(trainer.run_dir, trainer.output_name(i)), outputs, n)
+        name = output_name(s.path, len(trainer.sessions) > 1)
+        write_outputs(os.path.join(trainer.run_dir, name), outputs, n)
         every.append(outputs)
     return every
 
@@ -272,6 +273,26 @@ def write_config(run_dir: str, mcfg: LFADSConfig, tcfg: TrainConfig, sessions: l
     cfg = {"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg),
            "data": paths if len(paths) > 1 else paths[0]}
     atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(cfg, indent=2) + "\n")
+
+
+def output_name(session_path: str, several: bool) -> str:
+    """lfads_output.h5, or lfads_output_<session>.h5 for each of several sessions."""
+    name = os.path.splitext(os.path.basename(session_path))[0]
+    return f"lfads_output_{name}.h5" if several else "lfads_output.h5"
+
+
+def run_outputs(run_dir: str) -> list[tuple[str, str]]:
+    """(session file, output file name) of each session a run folder trained on, from its
+    config.json; a DataError when it is not a run folder."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{run_dir}: no config.json: not a run folder of src.main")
+    with open(path) as f:
+        data = json.load(f).get("data")
+    if not data:
+        raise DataError(f"{path}: no 'data' key (the session file)")
+    paths = [data] if isinstance(data, str) else data
+    return [(p, output_name(p, len(paths) > 1)) for p in paths]
 
 
 # -----------------------------------------------------------------------------

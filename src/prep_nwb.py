@@ -19,10 +19,8 @@ the details. Needs the `nwb` extra (pynwb).
 
 import argparse
 import dataclasses
-import inspect
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import numpy as np
 from src.binning import bin_signal, bin_spikes
 from src.chop import chop_bins, segment_starts
 from src.ibl.prep import smallest_uint, split_trials
+from src.main import field_comments
 from src.utils import FlagParser, HelpFormatter, atomic_path
 
 # Legend: K windows (trials or segments), T bins per window, N units, D behaviour dimensions.
@@ -458,13 +457,6 @@ def prepare(path: str, cfg: NWBConfig) -> str:
     return out
 
 
-def field_help(cls) -> dict:
-    """{field: the one-line comment beside it in the dataclass' source}."""
-    lines = inspect.getsource(cls).splitlines()
-    found = (re.match(r"\s+(\w+): [^=]+=.*?#\s?(.*)$", line) for line in lines)
-    return {m[1]: m[2].strip() for m in found if m}
-
-
 # how each flag is spelt in --help
 METAVARS = {"align": "COL", "window": ("START", "END"), "bin_size": "S", "out_dir": "DIR",
             "units_filter": "COL=VALUE", "region": "LOCATION", "trials_filter": "COL=VALUE",
@@ -477,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = FlagParser(prog="python -m src.prep_nwb", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("file", metavar="FILE.nwb", help="the NWB file")
-    comments = field_help(NWBConfig)
+    comments = field_comments(NWBConfig)
     for f in dataclasses.fields(NWBConfig):
         d = f.default
         kind = ({"nargs": 2, "type": float} if f.name == "window" else {"nargs": "+"}

@@ -92,9 +92,6 @@ class Stitched:
     def kw(self, session: int) -> dict:
         return {"session": session}
 
-    def output_name(self, session: int) -> str:
-        return f"lfads_output_{self.sessions[session].name}.h5"
-
     def overall(self, each: list[dict]) -> dict:
         return over_sessions(self.sessions, each)
 

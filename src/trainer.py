@@ -214,9 +214,6 @@ class Trainer:
     def kw(self, session: int) -> dict:
         return {}  # the model's extra arguments for a session's trials
 
-    def output_name(self, session: int) -> str:
-        return "lfads_output.h5"
-
     def overall(self, each: list[dict]) -> dict:
         return each[0]  # the metrics of the run, from each session's
 
