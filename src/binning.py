@@ -1,7 +1,8 @@
-"""Binning: spike times into trial-aligned counts, and a continuous signal into the same bins.
+"""Binning: spike times into trial-aligned counts, and a continuous signal into the same bins;
+the train/valid split and the count dtype that src/ibl/prep.py and src/prep_nwb.py share.
 
-Both work on windows [start, start + n_bins * bin_size), one per trial (or per chopped segment),
-and both are plain numpy: the IBL preparation (src/ibl/prep.py) runs without torch.
+The two binnings work on windows [start, start + n_bins * bin_size), one per trial (or per
+chopped segment); everything here is plain numpy: the IBL preparation runs without torch.
 
 Legend: K windows (trials or segments), T bins per window, N units, D signal dimensions.
 """
@@ -84,3 +85,17 @@ def bin_signal(t, x, starts, n_bins: int, bin_size: float) -> np.ndarray:
                 raise ValueError(f"signal dimension {d} has no finite sample")
             out[:, :, d][empty] = np.interp(centres[empty], t[ok[:, d]], x[ok[:, d], d])
     return out.astype(np.float32)
+
+
+def split_trials(n: int, valid_frac: float, rng) -> tuple:
+    """(train, valid) sorted indices of n windows: a valid_frac share at random, at least one
+    window in each split."""
+    n_valid = min(n - 1, max(1, int(round(valid_frac * n))))
+    perm = rng.permutation(n)
+    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+
+
+def smallest_uint(a: np.ndarray):
+    """The smallest unsigned integer dtype that holds every value of `a`."""
+    top = int(a.max(initial=0))
+    return next(t for t in (np.uint8, np.uint16, np.uint32) if top <= np.iinfo(t).max)

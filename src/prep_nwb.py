@@ -28,9 +28,8 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from src.binning import bin_signal, bin_spikes
+from src.binning import bin_signal, bin_spikes, smallest_uint, split_trials
 from src.chop import chop_bins, segment_starts
-from src.ibl.prep import smallest_uint, split_trials
 from src.main import field_comments
 from src.utils import FlagParser, HelpFormatter, atomic_path
 

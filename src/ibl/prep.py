@@ -51,7 +51,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from src.binning import bin_spikes
+from src.binning import bin_spikes, smallest_uint, split_trials
 
 log = logging.getLogger("prep_data")
 
@@ -238,18 +238,6 @@ def bwm_include_mask(trials, table, eid: str, cfg: PrepConfig) -> np.ndarray:
     ok = np.zeros(len(trials), dtype=bool)
     ok[:n] = rows["bwm_include"].to_numpy(dtype=bool)
     return ok & trials[cfg.align_event].notna().to_numpy()
-
-
-def smallest_uint(a: np.ndarray):
-    """The smallest unsigned integer dtype that holds every value of `a`."""
-    top = int(a.max(initial=0))
-    return next(t for t in (np.uint8, np.uint16, np.uint32) if top <= np.iinfo(t).max)
-
-
-def split_trials(n: int, valid_frac: float, rng) -> tuple:
-    n_valid = min(n - 1, max(1, int(round(valid_frac * n))))
-    perm = rng.permutation(n)
-    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
 
 
 # ---------------------------------------------------------------------------------------------
