@@ -27,3 +27,17 @@ def tiny_h5(tmp_path):
     data, attrs = make_lorenz(TINY)
     write_session(str(path), data, attrs)
     return path
+
+
+@pytest.fixture(scope="module")
+def ibl_home(tmp_path_factory):
+    """HOME in a temporary folder for the whole module (ONE writes under it); ONE's instance
+    cache cleared before and after, since its instances point into the folder."""
+    from one.api import ONE  # the IBL stack only for the tests that ask for it
+
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        ONE.cache_clear()
+        yield home
+        ONE.cache_clear()

@@ -25,7 +25,6 @@ import pandas as pd
 import pytest
 from brainbox.io.one import SpikeSortingLoader
 from iblatlas.regions import BrainRegions
-from one.api import ONE
 
 from src.ibl import prep
 from src.ibl.fixture import REVISION, SORTER, TRIALS_REVISION, make_local_cache
@@ -47,17 +46,6 @@ def histogram_counts(times, clusters, unit_ids, starts, n_bins, bin_size):
         for n, t in enumerate(by_unit):
             out[k, :, n] = np.histogram(t, edges)[0]
     return out
-
-
-@pytest.fixture(scope="module")
-def ibl_home(tmp_path_factory):
-    """HOME in a temporary folder for the whole module; ONE's instance cache cleared after."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(home))
-        ONE.cache_clear()
-        yield home
-        ONE.cache_clear()
 
 
 @pytest.fixture(scope="module")

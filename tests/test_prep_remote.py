@@ -15,11 +15,10 @@ from one.api import ONE
 
 from src.ibl import prep
 from src.ibl.fixture import FakeAlyx, make_local_cache
-from tests.test_prep_data import ibl_home  # noqa: F401  (a module fixture: HOME in tmp)
 
 
 @pytest.fixture(scope="module")
-def server(ibl_home, tmp_path_factory):  # noqa: F811
+def server(ibl_home, tmp_path_factory):
     return make_local_cache(tmp_path_factory.mktemp("server") / "cache")
 
 

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from one.alf.exceptions import ALFObjectNotFound
-from one.api import ONE
 from scipy.signal import butter, sosfiltfilt
 
 from src import decode
@@ -26,14 +25,9 @@ IBL_TINY_MODEL = ["--ic_enc_dim", "8", "--ci_enc_dim", "8", "--con_dim", "8", "-
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The fixture cache, with HOME in a temporary folder (ONE writes under it)."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(home))
-        ONE.cache_clear()
-        yield make_local_cache(tmp_path_factory.mktemp("one") / "cache")
-        ONE.cache_clear()
+def cache(ibl_home, tmp_path_factory):
+    """The fixture cache, with HOME in a temporary folder (tests/conftest.py's ibl_home)."""
+    return make_local_cache(tmp_path_factory.mktemp("one") / "cache")
 
 
 def run_prep(cache, out, *args):
