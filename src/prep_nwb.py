@@ -185,6 +185,30 @@ def recording_span(nwb, times: np.ndarray) -> tuple:
     return lo, hi
 
 
+def observed_intervals(nwb, rows) -> list | None:
+    """The distinct observed intervals of the units `rows`, each (n, 2) seconds [start, stop),
+    from the units table's obs_intervals; None when the file has no such column."""
+    units = nwb.units
+    if "obs_intervals" not in units.colnames:
+        return None
+    iv, unit_of = ragged(units, "obs_intervals")
+    iv = np.asarray(iv, np.float64).reshape(-1, 2)
+    sets = {tuple(map(tuple, iv[unit_of == r])) for r in rows}
+    return [np.asarray(s, np.float64).reshape(-1, 2) for s in sets]
+
+
+def inside_observed(starts, ends, intervals: list) -> np.ndarray:
+    """(K,) bool: window k, [starts[k], ends[k]), lies inside one observed interval of every
+    unit. A window across a gap would bin the gap's missing spikes as zeros."""
+    starts, ends = np.asarray(starts, np.float64), np.asarray(ends, np.float64)
+    ok = np.ones(starts.shape, dtype=bool)
+    for iv in intervals:  # (n, 2)
+        inside = (iv[None, :, 0] <= starts[:, None] + 1e-9) & (
+            ends[:, None] <= iv[None, :, 1] + 1e-9)  # (K, n)
+        ok &= inside.any(axis=1)
+    return ok
+
+
 def behaviour_series(nwb, names) -> list:
     """[(name, TimeSeries)] of processing['behavior'], containers (Position, ...) opened."""
     module = nwb.processing.get("behavior")
@@ -214,8 +238,11 @@ def series_times(ts) -> np.ndarray:
 # windows
 
 
-def trial_windows(nwb, cfg: NWBConfig, span: tuple, n_bins: int, path: str, notes) -> tuple:
-    """(start times (K,), rows of the trials table (K,)) of the trials kept."""
+def trial_windows(nwb, cfg: NWBConfig, span: tuple, n_bins: int, units, path: str,
+                  notes) -> tuple:
+    """(start times (K,), rows of the trials table (K,)) of the trials kept: those with an
+    event whose window lies inside the recording and inside the observed intervals of the
+    units (rows of the units table)."""
     trials = nwb.trials
     if trials is None or len(trials) == 0:
         raise NWBError(f"{path}: no trials table, so nothing to align to; cut the recording "
@@ -237,6 +264,15 @@ def trial_windows(nwb, cfg: NWBConfig, span: tuple, n_bins: int, path: str, note
                     f"to {cfg.window[1]:g} s around {cfg.align} runs off the recording "
                     f"({span[0]:g} to {span[1]:g} s)")
     keep &= ~off
+    observed = observed_intervals(nwb, units)
+    if observed is not None:
+        gap = keep & ~inside_observed(starts, starts + n_bins * cfg.bin_size, observed)
+        if gap.any():
+            note(notes, f"{gap.sum()} of {len(event)} trials dropped: their window "
+                        f"{cfg.window[0]:g} to {cfg.window[1]:g} s around {cfg.align} leaves "
+                        "the units' observed intervals (obs_intervals of the units table), so "
+                        "part of it lies in a gap of the recording")
+        keep &= ~gap
     if keep.sum() < 2:
         raise NWBError(f"{path}: {keep.sum()} trials left, fewer than 2 (one train, one valid)")
     rows = np.flatnonzero(keep)
@@ -433,7 +469,7 @@ def prepare(path: str, cfg: NWBConfig) -> str:
         if cfg.chop > 0:
             starts, inds = chop_windows(cfg, span, path, notes)
         else:
-            starts, inds = trial_windows(nwb, cfg, span, n_bins, path, notes)
+            starts, inds = trial_windows(nwb, cfg, span, n_bins, rows, path, notes)
         counts = bin_spikes(times, unit_of, rows, starts, n_bins, cfg.bin_size)  # (K, T, N)
         ids = np.asarray(nwb.units.id[:])
         counts, rows, locations = drop_silent(counts, rows, locations, ids, path, notes)

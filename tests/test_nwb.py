@@ -301,3 +301,31 @@ def test_the_docs_example_fills_a_session_file_that_loads(tmp_path, monkeypatch)
     s = load_session(str(tmp_path / "data" / "my_session.h5"))
     assert s.sizes == {"n_in": 24, "n_out": 30, "t_enc": 100, "t_rec": 100, "ext_dim": 0}
     assert len(s.train) + len(s.valid) == 197 and s.train.recon.sum() > 0
+
+
+def test_a_trial_across_a_gap_in_the_observed_intervals_is_dropped_and_counted(tmp_path, capsys):
+    """The units are observed over 0-10 s and 12-30 s: a trial whose window reaches into the
+    gap is dropped and counted, never binned as if the gap held no spikes."""
+    pytest.importorskip("pynwb")
+    rng = np.random.default_rng(4)
+    nwb = nwb_file()
+    spikes = {u: np.sort(np.r_[rng.uniform(0, 10, 80), rng.uniform(12, 30, 150)])
+              for u in range(4)}
+    device = nwb.create_device("array")
+    group = nwb.create_electrode_group("M1", description="", location="M1", device=device)
+    for u, times in spikes.items():
+        nwb.add_electrode(group=group, location="M1")
+        nwb.add_unit(spike_times=times, electrodes=[u], obs_intervals=[[0.0, 10.0], [12.0, 30.0]])
+    nwb.add_trial_column("move_onset_time", "movement onset, seconds")
+    onsets = np.array([2.0, 5.0, 9.7, 10.2, 11.9, 12.2, 20.0, 25.0])  # 9.7 to 12.2: the gap
+    for onset in onsets:
+        nwb.add_trial(start_time=onset - 0.5, stop_time=onset + 0.5, move_onset_time=onset)
+    write(nwb, tmp_path / "gap.nwb")
+    rc, err = prep([tmp_path / "gap.nwb", "--out-dir", tmp_path, "--heldout-frac", "0.25"],
+                   capsys)
+    assert rc == 0, err
+    assert "4 of 8 trials dropped: their window -0.25 to 0.45 s around move_onset_time leaves " \
+           "the units' observed intervals" in " ".join(err.split())
+    with h5py.File(tmp_path / "gap.h5", "r") as f:
+        kept = sorted(np.r_[f["train_inds"][()], f["valid_inds"][()]])
+    assert kept == [0, 1, 6, 7]  # windows inside 0-10 s or 12-30 s only
