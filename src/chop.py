@@ -28,7 +28,7 @@ import shutil
 import h5py
 import numpy as np
 
-from src.main import run_outputs
+from src.runs import run_outputs
 from src.utils import atomic_path
 
 MERGED = ("rates", "factors", "co_means")  # per-bin outputs of lfads_output.h5 that merge

@@ -43,8 +43,8 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from src.data import DataError, load_session
-from src.main import run_outputs
 from src.metrics import write_csv
+from src.runs import run_outputs
 from src.utils import FlagParser, HelpFormatter, atomic_write_text
 
 # per-trial variables read from a `trials` group: name -> how to label a trial (NaN: left out)

@@ -9,21 +9,29 @@ imports this module only under torchrun: `main_ranks` joins the process group, a
 import argparse
 import gc
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from src.data import DataError
+from src.stitch import Stitched
+from src.trainer import Trainer
 from src.utils import rng_state
+
+# how long a collective waits for the slowest rank. Rank 0 validates, exports and decodes alone
+# while the others wait in one, which can outlast gloo's default 30 minutes (NCCL's is 10) on a
+# large session; torchrun stops every process when one fails, so this only bounds a hang
+WAIT = timedelta(hours=24)
 
 
 def main_ranks(args, run) -> int:
-    """`run(args, rank, n_proc)` in torchrun's process group: nccl between GPUs, gloo between
-    CPU processes."""
+    """`run(args, rank, n_proc)` in torchrun's process group. The group is gloo, on CPU
+    tensors: Python objects, the loop's flags and loss sums, the waits for rank 0. Gradients on
+    GPUs go over NCCL in a group of their own, made once the device is known (`grad_group`)."""
     rank, n_proc = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
-    cuda = torch.cuda.is_available() and (args.device or "auto") in ("auto", "cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("gloo", timeout=WAIT)
     try:
         code = run(args, rank, n_proc)
         dist.barrier()  # the others wait while rank 0 writes: one that left early aborted gloo
@@ -55,11 +63,17 @@ def prepare_ranks(args, rank: int, n_proc: int, prepare) -> tuple:
 
 
 def rank_device(device: torch.device) -> torch.device:
-    """One process per GPU: process LOCAL_RANK of a machine takes its GPU LOCAL_RANK."""
+    """One process per GPU: process LOCAL_RANK of a machine takes its GPU LOCAL_RANK (src.main's
+    build makes it the current one)."""
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
     return device
+
+
+def grad_group(device: torch.device):
+    """The process group of DDP's gradients: NCCL between GPUs, the gloo group otherwise (None).
+    Made after the GPU is the current one, by every rank, as torch asks of new_group."""
+    return dist.new_group(backend="nccl") if device.type == "cuda" else None
 
 
 def from_rank0(obj):
@@ -70,8 +84,9 @@ def from_rank0(obj):
 
 
 class Distributed:
-    """The Trainer of one of several processes; every decision (skip a step, stop) is taken
-    by all ranks together, or one would wait forever for the others' gradients."""
+    """What several processes change in the Trainer's loop; every decision (skip a step,
+    stop) is taken by all ranks together, or one would wait forever for the others'
+    gradients."""
 
     def __init__(self, *args, **kw):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -79,7 +94,9 @@ class Distributed:
         self.lead = self.rank == 0
         # DDP starts every rank from rank 0's weights; a stitched step leaves the other
         # sessions' read-ins and read-outs without gradient
-        self.net = DistributedDataParallel(self.model,
+        gpu = [self.device.index] if self.device.type == "cuda" else None
+        self.net = DistributedDataParallel(self.model, device_ids=gpu,
+                                           process_group=grad_group(self.device),
                                            find_unused_parameters=len(self.sessions) > 1)
 
     def batch(self, step: int) -> tuple:
@@ -112,6 +129,14 @@ class Distributed:
         return ckpt
 
     def largest(self, *flags: float) -> list:
-        t = torch.tensor(flags, dtype=torch.float64)
+        t = torch.tensor(flags, dtype=torch.float64)  # on the CPU: the gloo group's
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
+
+
+class DistributedTrainer(Distributed, Trainer):
+    """The Trainer of one session in one of several processes (src/main.py's build picks it)."""
+
+
+class DistributedStitchedTrainer(Distributed, Stitched, Trainer):
+    """The Trainer of several sessions in one of several processes."""

@@ -12,10 +12,8 @@ the comment beside the field.
 
 import argparse
 import dataclasses
-import glob
 import inspect
 import json
-import math
 import os
 import re
 import shlex
@@ -24,26 +22,13 @@ import time
 
 import torch
 
+from src import scan
 from src.data import DataError, find_session_files, load_session
 from src.metrics import posterior_average, rate_metrics, write_outputs
 from src.model import LFADSConfig
+from src.runs import DATA_SIZES, check_settings, new_run_dir, output_name, overrides, write_config
 from src.trainer import Stop, TrainConfig, Trainer, selection_key
-from src.utils import (
-    FlagParser,
-    atomic_write_text,
-    check_writable,
-    has_mps,
-    pick_device,
-    seed_everything,
-)
-
-# read from the session files, not flags
-DATA_SIZES = ("n_in", "n_out", "t_enc", "t_rec", "ext_dim", "session_n_in", "session_n_out")
-# what --overwrite deletes first, so no stale best checkpoint or figure sits beside a new run
-RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.csv", "summary.json", "lfads_output*.h5",
-             "curves.png", "rates*.png", "factors*.png", "inputs*.png", "truth*.png",
-             "decoding.csv", "decoding.png")
-
+from src.utils import FlagParser, atomic_write_text, pick_device, seed_everything, use_device
 
 # -----------------------------------------------------------------------------
 # the run
@@ -72,11 +57,19 @@ def run(args, rank: int = 0, n_proc: int = 1) -> int:
         say(f"error: {e}", file=sys.stderr)
         return 2
     trainer = build(sessions, mcfg, tcfg, run_dir, ckpt, rank, n_proc, say)
+    trainer.log = None if args.quiet else say  # a line per evaluation, rank 0 only
+    if not args.no_plots:  # curves.png redrawn while it trains; matplotlib only then
+        from src.plots import curves
+
+        trainer.draw = curves
     launcher = f"torchrun --nproc_per_node={n_proc}" if n_proc > 1 else "python"
     resume = f"{launcher} -m src.main --resume {shlex.quote(run_dir)}"
     try:
         stop = trainer.fit()
         announce(stop, trainer, resume, say)
+        if scan.COMPILE["seconds"]:
+            say(f"torch.compile: {scan.COMPILE['seconds']:.0f} s of the training time compiled the "
+                "recurrent steps (cached: later runs start faster; --compile off skips it)")
         outputs = export(trainer) if rank == 0 and stop.code == 0 else None
     except (OSError, KeyboardInterrupt) as e:  # a full disk; a second Ctrl-C during a save
         say(f"error: {e or type(e).__name__} at step {trainer.state.step}; "
@@ -124,41 +117,24 @@ def data_sized(given: dict, sizes: dict) -> dict:
     return given
 
 
-def new_run_dir(run_dir: str, overwrite: bool) -> None:
-    if os.path.exists(run_dir) and os.listdir(run_dir) and not overwrite:
-        raise DataError(f"run folder {run_dir} exists: continue it with --resume {run_dir}, or "
-                        "replace it with --overwrite")
-    writable(run_dir)
-    for pattern in RUN_FILES if overwrite else ():
-        for path in glob.glob(os.path.join(run_dir, pattern)):
-            os.remove(path)
-
-
-def writable(run_dir: str) -> None:
-    """The run folder made and writable now, not at the first checkpoint an hour later."""
-    try:
-        check_writable(run_dir)
-    except OSError as e:
-        raise DataError(f"cannot write the run folder {run_dir} ({e.strerror or e}: "
-                        f"{e.filename or run_dir}); pick another place with --results-dir") from e
-
-
 def build(sessions, mcfg, tcfg, run_dir, ckpt, rank: int, n_proc: int, say) -> Trainer:
-    """The trainer on its device; the extensions a run needs attach here."""
+    """The trainer on its device: src/trainer.py's for one session in one process."""
     if tcfg.threads > 0:
         torch.set_num_threads(tcfg.threads)
     device = pick_device(tcfg.device)
-    extensions = []
-    if n_proc > 1:  # several processes: DDP and the collectives
-        from src.distributed import Distributed, rank_device
+    if n_proc > 1:  # several processes: DDP and the collectives (src/distributed.py)
+        from src.distributed import rank_device
 
         device = rank_device(device)
-        extensions.append(Distributed)
-    if len(sessions) > 1:  # several sessions: read-ins, read-outs, batches drawn by session
-        from src.stitch import Stitched
-
-        extensions.append(Stitched)
-    cls = type("Trainer", (*extensions, Trainer), {}) if extensions else Trainer
+    device = use_device(device, tcfg.precision)  # before DDP and any draw on the GPU
+    if n_proc > 1 and len(sessions) > 1:
+        from src.distributed import DistributedStitchedTrainer as cls
+    elif n_proc > 1:
+        from src.distributed import DistributedTrainer as cls
+    elif len(sessions) > 1:  # read-ins, read-outs, batches drawn by session (src/stitch.py)
+        from src.stitch import StitchedTrainer as cls
+    else:
+        cls = Trainer
     seed_everything(tcfg.seed + rank)  # each process its own dropout masks and samples
     trainer = cls(sessions, mcfg, tcfg, run_dir, device)
     if ckpt is not None:  # resuming: the checkpoint's state (src/resume.py)
@@ -234,12 +210,18 @@ def report(trainer, outputs: list[dict], stopped: str, plots: bool) -> None:
                "selected_on": f"valid_{selection_key(trainer.mcfg)}"}
     each = [rate_metrics(out["valid"]["rates"], s.valid) for s, out in zip(sessions, outputs)]
     summary.update({f"valid_{k}": v for k, v in trainer.overall(each).items()})
+    from src.baseline import session_scores  # NLB's smoothing baseline: after training only
+
+    base = [session_scores(s) for s in sessions]  # the same training and validation trials
+    summary.update({f"valid_{k}": v for k, v in trainer.overall(base).items()})
     atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     if plots:
         from src import plots as figures  # matplotlib is slow to import: only when drawing
 
         figures.make_all(run_dir, sessions, s.rows, outputs)
-    print(f"done: {run_dir}, valid metrics of the posterior-averaged rates (best checkpoint):")
+    best = os.path.isfile(os.path.join(run_dir, "ckpt_best.pt"))
+    which = "best checkpoint" if best else "last checkpoint: none is best before the ramps end"
+    print(f"done: {run_dir}, valid metrics of the posterior-averaged rates ({which}):")
     print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                            for k, v in summary.items()))
 
@@ -266,35 +248,6 @@ def analyses(trainer, plots: bool) -> None:
             print("decoded from the rates (docs/decoding.md):\n" + report(result))
 
 
-def write_config(run_dir: str, mcfg: LFADSConfig, tcfg: TrainConfig, sessions: list) -> None:
-    """config.json: both configs and the session file (a list when stitched), enough to
-    rebuild the model."""
-    paths = [s.path for s in sessions]
-    cfg = {"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(tcfg),
-           "data": paths if len(paths) > 1 else paths[0]}
-    atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(cfg, indent=2) + "\n")
-
-
-def output_name(session_path: str, several: bool) -> str:
-    """lfads_output.h5, or lfads_output_<session>.h5 for each of several sessions."""
-    name = os.path.splitext(os.path.basename(session_path))[0]
-    return f"lfads_output_{name}.h5" if several else "lfads_output.h5"
-
-
-def run_outputs(run_dir: str) -> list[tuple[str, str]]:
-    """(session file, output file name) of each session a run folder trained on, from its
-    config.json; a DataError when it is not a run folder."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise DataError(f"{run_dir}: no config.json: not a run folder of src.main")
-    with open(path) as f:
-        data = json.load(f).get("data")
-    if not data:
-        raise DataError(f"{path}: no 'data' key (the session file)")
-    paths = [data] if isinstance(data, str) else data
-    return [(p, output_name(p, len(paths) > 1)) for p in paths]
-
-
 # -----------------------------------------------------------------------------
 # the flags: every config field, its help the comment beside it
 
@@ -314,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
+    p.add_argument("--quiet", action="store_true", help="print the start and the end only, not "
+                   "a line per evaluation")
     config_flags(p, "model (LFADSConfig in src/model.py)", LFADSConfig)
     config_flags(p, "training (TrainConfig in src/trainer.py)", TrainConfig)
     return p
@@ -328,7 +283,7 @@ def field_comments(cls) -> dict:
 def config_flags(p: argparse.ArgumentParser, title: str, cls) -> None:
     """--field-name for every field but the data sizes; --field_name too, unlisted."""
     g, comments = p.add_argument_group(title), field_comments(cls)
-    choices = {"precision": ("fp32", "bf16")}
+    choices = {"precision": ("fp32", "bf16"), "compile": ("auto", "on", "off")}
     for f in dataclasses.fields(cls):
         if f.name in DATA_SIZES:
             continue
@@ -352,58 +307,6 @@ def parse_bool(s: str) -> bool:
     if s.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
-
-
-def overrides(args, cls) -> dict:
-    """The fields of `cls` given on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-            if f.name not in DATA_SIZES and getattr(args, f.name) is not None}
-
-
-def check_settings(mcfg: LFADSConfig, tcfg: TrainConfig, n_proc: int = 1) -> None:
-    """Settings that cannot train, refused before a run folder exists."""
-    sizes = ["ic_enc_dim", "ic_dim", "gen_dim", "fac_dim"]
-    sizes += ["ci_enc_dim", "con_dim"] if mcfg.co_dim > 0 else []
-    for cfg, names in ((mcfg, sizes), (tcfg, ["batch_size", "eval_every"])):
-        for k in names:
-            if getattr(cfg, k) < 1:
-                raise DataError(f"{flag(k)} {getattr(cfg, k)}: must be at least 1")
-    if mcfg.co_dim < 0:
-        raise DataError(f"--co-dim {mcfg.co_dim}: must be 0 (no controller) or more")
-    for cfg in (mcfg, tcfg):
-        for f in dataclasses.fields(cfg):
-            if f.type in (float, "float"):
-                check_float(f.name, getattr(cfg, f.name))
-    if tcfg.batch_size % n_proc:  # equal shares, or the mean gradient is not the batch's
-        raise DataError(f"--batch-size {tcfg.batch_size} does not split evenly over {n_proc} "
-                        "processes")
-    dev = tcfg.device.split(":")[0]
-    if dev not in ("auto", "cpu", "cuda", "mps"):
-        raise DataError(f"--device {tcfg.device}: expected auto, cpu, cuda (or cuda:N) or mps")
-    if (dev == "cuda" and not torch.cuda.is_available()) or (dev == "mps" and not has_mps()):
-        raise DataError(f"--device {tcfg.device}: this torch build sees no such device; "
-                        "use --device auto or cpu")
-
-
-def check_float(name: str, v: float) -> None:
-    """Shares lie in [0, 1), these must be positive, lr_decay in (0, 1], the rest >= 0."""
-    shares = ("dropout", "cd_rate", "sv_rate", "smoothing")
-    positive = ("ic_prior_var", "co_prior_tau", "co_prior_nvar", "cell_clip", "lr", "adam_eps",
-                "grad_clip")
-    if not math.isfinite(v):
-        raise DataError(f"{flag(name)} {v}: must be a finite number")
-    if name in shares and not 0 <= v < 1:
-        raise DataError(f"{flag(name)} {v:g}: must be at least 0 and below 1")
-    if name in positive and not v > 0:
-        raise DataError(f"{flag(name)} {v:g}: must be above 0")
-    if name == "lr_decay" and not 0 < v <= 1:
-        raise DataError(f"{flag(name)} {v:g}: must be above 0 and at most 1")
-    if not v >= 0:
-        raise DataError(f"{flag(name)} {v:g}: must be 0 or more")
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 if __name__ == "__main__":

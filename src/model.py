@@ -21,6 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from src.scan import decode_scan, gru_scan
+from src.utils import autocast_off
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -109,40 +112,16 @@ def log_factorial(k):
 # recurrent cells
 
 
-class GRUCell(nn.Module):
-    """A GRU step whose input projection the caller makes for all steps at once.
-
-        r, z = sigmoid(W_ir x + b_ir + W_hr h + b_hr),  sigmoid(W_iz x + b_iz + W_hz h + b_hz)
-        n    = tanh(W_in x + b_in + r * (W_hn h + b_hn))
-        h'   = clamp(z * h + (1 - z) * n, -clip, clip)
-
-    torch.nn.GRU's form, the reset gate after the recurrent product; TF LFADS and lfads-torch
-    put it before (W_hn (r * h)). Both are GRUs (Cho et al. 2014); torch's lets the fused
-    encoders and these cells share one definition and costs one matrix product a step.
-    """
-
-    def __init__(self, input_size: int, hidden_size: int, clip: float = math.inf):
-        super().__init__()
-        self.clip = clip
-        ref = nn.GRUCell(input_size, hidden_size)  # torch's default initialisation
-        self.weight_ih, self.weight_hh = ref.weight_ih, ref.weight_hh  # (3H, in), (3H, H)
-        self.bias_ih, self.bias_hh = ref.bias_ih, ref.bias_hh  # (3H,), (3H,)
-        init_gate_bias(self.bias_ih, hidden_size)
-        # a generator without inputs has an empty (3H, 0) matrix: nothing to learn
-        self.weight_ih.requires_grad_(input_size > 0)
-
-    def project(self, x):
-        return F.linear(x, self.weight_ih, self.bias_ih)  # (..., in) -> (..., 3H)
-
-    def forward(self, x_proj, h):
-        # split, addcmul and lerp: fewer kernels and autograd nodes (docs/performance.md)
-        hh = torch.addmm(self.bias_hh, h, self.weight_hh.t())  # (B, 3H)
-        x_rz, x_n = x_proj.split([2 * h.shape[1], h.shape[1]], dim=1)  # (B, 2H), (B, H)
-        h_rz, h_n = hh.split([2 * h.shape[1], h.shape[1]], dim=1)
-        r, z = torch.sigmoid(x_rz + h_rz).chunk(2, dim=1)  # (B, H) each
-        n = torch.tanh(torch.addcmul(x_n, r, h_n))  # x_n + r * h_n
-        h = torch.lerp(n.type_as(h), h, z.type_as(h))  # z * h + (1 - z) * n
-        return h if self.clip == math.inf else h.clamp(-self.clip, self.clip)
+def gru_cell(input_size: int, hidden_size: int) -> nn.GRUCell:
+    """The controller's and generator's GRU: its weights; src/scan.py steps it.
+    torch.nn.GRU's form, the reset gate after the recurrent product (W_hn h + b_hn); TF LFADS
+    and lfads-torch put it before (W_hn (r * h)). Both are GRUs (Cho et al. 2014); torch's lets
+    the encoders and these cells share one definition."""
+    cell = nn.GRUCell(input_size, hidden_size)  # torch's default initialisation
+    init_gate_bias(cell.bias_ih, hidden_size)
+    # a generator without inputs has an empty (3H, 0) matrix: nothing to learn
+    cell.weight_ih.requires_grad_(input_size > 0)
+    return cell
 
 
 def init_gate_bias(bias, hidden_size):
@@ -156,6 +135,30 @@ def bidirectional_gru(input_size: int, hidden_size: int) -> nn.GRU:
     init_gate_bias(gru.bias_ih_l0, hidden_size)
     init_gate_bias(gru.bias_ih_l0_reverse, hidden_size)
     return gru
+
+
+def bidirectional(grus: list, x) -> list:
+    """The outputs of torch.nn.GRU(x) for each bidirectional GRU of `grus` over x (B, T, in),
+    (B, T, 2H) each, every direction stepped in one scan (src/scan.py): the backward ones read
+    x in reverse. Without a backward to follow (validation, inference) torch's own GRU is
+    faster: its steps loop in C++; float32 there too, out of any autocast."""
+    if not torch.is_grad_enabled():
+        with autocast_off(x.device):
+            return [g(x.float())[0] for g in grus]
+    H = grus[0].hidden_size
+    if any(g.hidden_size != H for g in grus):
+        return [out for g in grus for out in bidirectional([g], x)]
+    B, T, D = x.shape[0], x.shape[1], len(grus)
+    w = lambda name: [getattr(g, name) for g in grus]  # noqa: E731
+    fwd = F.linear(x, torch.cat(w("weight_ih_l0")), torch.cat(w("bias_ih_l0")))
+    bwd = F.linear(x.flip(1), torch.cat(w("weight_ih_l0_reverse")),
+                   torch.cat(w("bias_ih_l0_reverse")))
+    xs = torch.cat([fwd, bwd], 2).view(B, T, 2 * D, 3 * H).permute(1, 2, 0, 3)  # (T, 2D, B, 3H)
+    w_hh = torch.stack(w("weight_hh_l0") + w("weight_hh_l0_reverse"))  # (2D, 3H, H)
+    b_hh = torch.stack(w("bias_hh_l0") + w("bias_hh_l0_reverse"))[:, None]  # (2D, 1, 3H)
+    states = gru_scan(xs, x.new_zeros(2 * D, B, H), w_hh, b_hh)  # (T, 2D, B, H)
+    states = torch.cat([states[:, :D], states[:, D:].flip(0)], 3)  # (T, D, B, 2H)
+    return list(states.permute(1, 2, 0, 3).unbind(0))  # D x (B, T, 2H)
 
 
 # -----------------------------------------------------------------------------
@@ -190,7 +193,7 @@ class LFADS(nn.Module):
         self.ic_post = nn.Linear(2 * cfg.ic_enc_dim, 2 * cfg.ic_dim)  # -> mean, log variance
         if cfg.co_dim > 0:
             self.ci_enc = bidirectional_gru(cfg.n_in, cfg.ci_enc_dim)
-            self.con = GRUCell(2 * cfg.ci_enc_dim + cfg.fac_dim, cfg.con_dim, cfg.cell_clip)
+            self.con = gru_cell(2 * cfg.ci_enc_dim + cfg.fac_dim, cfg.con_dim)
             self.con_h0 = nn.Parameter(torch.zeros(cfg.con_dim))
             self.co_post = nn.Linear(cfg.con_dim, 2 * cfg.co_dim)  # -> mean, log variance
             # the AR(1) prior of the inferred inputs, learnable per dimension
@@ -199,7 +202,7 @@ class LFADS(nn.Module):
             self.co_prior_log_nvar = nn.Parameter(ones * math.log(cfg.co_prior_nvar))
         # generator, factors, read-out
         self.ic_to_g0 = nn.Linear(cfg.ic_dim, cfg.gen_dim)
-        self.gen = GRUCell(cfg.co_dim + cfg.ext_dim, cfg.gen_dim, cfg.cell_clip)
+        self.gen = gru_cell(cfg.co_dim + cfg.ext_dim, cfg.gen_dim)
         self.fac = nn.Linear(cfg.gen_dim, cfg.fac_dim, bias=False)
         self.ic_prior_mean = nn.Parameter(torch.zeros(cfg.ic_dim))
         self.make_readout()
@@ -249,39 +252,44 @@ class LFADS(nn.Module):
             cd_keep = torch.rand_like(x) >= cfg.cd_rate
             x = x * cd_keep / (1 - cfg.cd_rate)
         x = self.read_in(self.dropout(x))
-        ic_mean, ic_std = self.encode_ic(x)  # the posterior q(z | x), (B, ic_dim) each
+        ic_mean, ic_std, ci = self.encode(x)  # q(z | x), (B, ic_dim) each; (B, T_rec, 2 H_ci)
         ic = ic_mean + ic_std * torch.randn_like(ic_std) if sample else ic_mean
-        ci = self.encode_ci(x) if cfg.co_dim else None  # (B, T_rec, 2 H_ci)
         gens, facs, co_mean, co_std, u = self.generate(ic, ci, ext, sample)
         log_rates = self.read_out(facs)  # (B, T_rec, F) -> (B, T_rec, N)
         out = Output(log_rates, facs, gens, ic_mean, ic_std, co_mean, co_std, u).float()
         if recon is not None:
             # the loss in float32 even under autocast: bfloat16's 8-bit mantissa loses the last
             # digits of a likelihood summed over thousands of bins
-            with torch.autocast(x.device.type, enabled=False):
+            with autocast_off(x.device):
                 out.losses = self.losses(out, recon, cd_keep, sv_mask, n_in=encod.shape[2])
         return out
 
     # --- encoders ------------------------------------------------------------
 
-    def encode_ic(self, x):
-        _, h_n = self.ic_enc(x)  # h_n: (2, B, H_ic), the final forward and backward states
-        h = self.dropout(torch.cat([h_n[0], h_n[1]], dim=1))  # (B, 2 H_ic)
-        mean, logvar = self.ic_post(h).chunk(2, dim=1)  # (B, ic_dim) each
-        return mean, torch.sqrt(torch.exp(logvar) + self.cfg.ic_post_var_min)
-
-    def encode_ci(self, x):
-        """Controller inputs, (B, T_rec, 2 H_ci): the forward half delayed and the backward half
-        advanced by ci_lag, so the controller never reads bin t's own spikes at step t."""
+    def encode(self, x):
+        """The encoders over x (B, T_enc, N_in): the IC posterior's mean and std (B, ic_dim)
+        from the final states of the IC encoder's two directions, and the controller's inputs
+        (B, T_rec, 2 H_ci) (None without a controller)."""
         cfg = self.cfg
-        out, _ = self.ci_enc(x)  # (B, T_enc, 2 H_ci)
-        fwd, bwd = out[..., : cfg.ci_enc_dim], out[..., cfg.ci_enc_dim :]
-        lag = cfg.ci_lag
+        grus = [self.ic_enc, self.ci_enc] if cfg.co_dim else [self.ic_enc]
+        states = bidirectional(grus, x)  # each (B, T_enc, 2 H)
+        H = cfg.ic_enc_dim
+        h = self.dropout(torch.cat([states[0][:, -1, :H], states[0][:, 0, H:]], dim=1))
+        mean, logvar = self.ic_post(h).chunk(2, dim=1)  # (B, ic_dim) each
+        std = torch.sqrt(torch.exp(logvar) + cfg.ic_post_var_min)
+        return mean, std, (self.lagged(states[1]) if cfg.co_dim else None)
+
+    def lagged(self, states):
+        """Controller inputs, (B, T_rec, 2 H_ci): the CI encoder's forward half delayed and its
+        backward half advanced by ci_lag, so the controller never reads bin t's own spikes at
+        step t; zeros over forward prediction."""
+        cfg, lag = self.cfg, self.cfg.ci_lag
+        fwd, bwd = states[..., : cfg.ci_enc_dim], states[..., cfg.ci_enc_dim :]
         if lag > 0:
             fwd = F.pad(fwd, (0, 0, lag, 0))[:, :-lag]  # the state of t - lag at t
             bwd = F.pad(bwd, (0, 0, 0, lag))[:, lag:]  # the state of t + lag at t
         ci = torch.cat([fwd, bwd], dim=2)
-        return F.pad(ci, (0, 0, 0, cfg.t_rec - cfg.t_enc))  # zeros over forward prediction
+        return F.pad(ci, (0, 0, 0, cfg.t_rec - cfg.t_enc))
 
     # --- generator and controller ------------------------------------------------
 
@@ -293,60 +301,34 @@ class LFADS(nn.Module):
             g_t = GRU_gen([u_t, ext_t], g_{t-1})         generator
             f_t = W_fac g_t                              factors
 
-        with dropout on f_{t-1} and g_t, g_0 = W_ic z, f_0 = W_fac g_0, and W_fac's rows of unit
-        norm. Returns g, f and u's posterior means, stds and samples, each (B, T_rec, .); the
-        last three None when co_dim is 0. Input projections of all steps are made before the
-        loop, one product each (docs/performance.md)."""
+        with dropout on ci, f_{t-1} and g_t, g_0 = W_ic z, f_0 = W_fac g_0, and W_fac's rows of
+        unit norm: the read-out's weights alone then set each factor's scale in the rates, and
+        the L2-free generator cannot grow its factors to escape the dropout (lfads-torch's
+        factor layer). Returns g, f and u's posterior means, stds and samples, each
+        (B, T_rec, .); the last three None when co_dim is 0. The steps run in src/scan.py."""
         cfg = self.cfg
         B, T, U = ic.shape[0], cfg.t_rec, cfg.co_dim
-        g = self.ic_to_g0(ic)  # (B, H_gen), g_0: unclipped, as in the references
+        g0 = self.ic_to_g0(ic).float()  # (B, H_gen), g_0: unclipped, as in the references
         w_fac = F.normalize(self.fac.weight, dim=1)  # (F, H_gen)
-        keep_g = self.keep_mask(T + 1, B, cfg.gen_dim, device=g.device)  # (T_rec + 1, B, H_gen)
-        gen_in, gen_w_u = self.generator_inputs(ext, B)  # T_rec x (B, 3 H_gen), (3 H_gen, U)
-        if U:
-            con_in, con_w_f = self.controller_inputs(ci)  # T_rec x (B, 3 H_con), (3 H_con, F)
-            keep_f = self.keep_mask(T, B, cfg.fac_dim, device=g.device)  # (T_rec, B, F)
-            noise = torch.randn(T, B, U, device=g.device) if sample else g.new_zeros(T, B, U)
-            c = self.con_h0.expand(B, -1)  # (B, H_con)
-            f = F.linear(g * keep_g[0], w_fac)  # (B, F)
-        gens, facs, co_means, co_stds, us = [], [], [], [], []
-        for t in range(T):
-            x_gen = gen_in[t]
-            if U:
-                c = self.con(con_in[t] + F.linear(f * keep_f[t], con_w_f), c)  # (B, H_con)
-                mean, logvar = self.co_post(c).chunk(2, dim=1)  # (B, U) each
-                std = torch.sqrt(torch.exp(logvar) + cfg.co_post_var_min)
-                u = mean + std * noise[t]
-                x_gen = x_gen + F.linear(u, gen_w_u)
-                co_means.append(mean), co_stds.append(std), us.append(u)
-            g = self.gen(x_gen, g)  # (B, H_gen)
-            gens.append(g)
-            if U:  # the controller reads these factors at the next step
-                f = F.linear(g * keep_g[t + 1], w_fac)
-                facs.append(f)
-        stack = lambda xs: torch.stack(xs, dim=1) if xs else None  # noqa: E731  T x (B, D) -> (B, T, D)
-        gens = stack(gens)  # (B, T_rec, H_gen)
-        # without a controller nothing in the loop needs the factors: one product for all
-        facs = stack(facs) if U else F.linear(gens * keep_g[1:].transpose(0, 1), w_fac)
-        return gens, facs, stack(co_means), stack(co_stds), stack(us)
-
-    def generator_inputs(self, ext, B: int) -> tuple:
-        """The generator's input projection of every step but u_t's (made in the loop):
-        T_rec x (B, 3 H_gen), and the matrix of u_t, (3 H_gen, U)."""
-        cfg = self.cfg
-        w_u, w_ext = self.gen.weight_ih.split([cfg.co_dim, cfg.ext_dim], dim=1)
-        gen_in = self.gen.bias_ih.expand(B, cfg.t_rec, -1)  # (B, T_rec, 3 H_gen)
+        keep_g = self.keep_mask(T + 1, B, cfg.gen_dim, device=g0.device)  # (T_rec + 1, B, H_gen)
+        w_u, w_ext = self.gen.weight_ih.split([U, cfg.ext_dim], dim=1)
+        gen_x = self.gen.bias_ih.expand(T, B, -1)  # (T_rec, B, 3 H_gen): all but u_t's input
         if cfg.ext_dim:
-            gen_in = gen_in + F.linear(ext, w_ext)
-        return gen_in.unbind(1), w_u
-
-    def controller_inputs(self, ci) -> tuple:
-        """The controller's input projection of ci (with dropout) at every step:
-        T_rec x (B, 3 H_con), and the matrix of the factors it also reads, (3 H_con, F)."""
-        cfg = self.cfg
+            gen_x = gen_x + F.linear(ext.transpose(0, 1), w_ext)
+        if not U:  # an autonomous generator: one GRU, and the factors in one product
+            gens = gru_scan(gen_x[:, None], g0[None], self.gen.weight_hh[None],
+                            self.gen.bias_hh.view(1, 1, -1), cfg.cell_clip)[:, 0]
+            facs = F.linear(gens * keep_g[1:], w_fac)  # (T_rec, B, F)
+            return gens.transpose(0, 1), facs.transpose(0, 1), None, None, None
         w_ci, w_f = self.con.weight_ih.split([2 * cfg.ci_enc_dim, cfg.fac_dim], dim=1)
-        con_in = F.linear(self.dropout(ci), w_ci, self.con.bias_ih)  # (B, T_rec, 3 H_con)
-        return con_in.unbind(1), w_f
+        con_x = F.linear(self.dropout(ci).transpose(0, 1), w_ci, self.con.bias_ih)  # (T, B, 3H)
+        keep_f = self.keep_mask(T, B, cfg.fac_dim, device=g0.device)  # (T_rec, B, F)
+        noise = torch.randn(T, B, U, device=g0.device) if sample else g0.new_zeros(T, B, U)
+        outs = decode_scan(con_x, gen_x, self.con_h0.expand(B, -1), g0, self.con.weight_hh,
+                           self.con.bias_hh, w_f, self.co_post.weight, self.co_post.bias, w_u,
+                           self.gen.weight_hh, self.gen.bias_hh, w_fac, keep_f, keep_g, noise,
+                           cfg.cell_clip, cfg.co_post_var_min)
+        return tuple(o.transpose(0, 1) for o in outs)  # (T_rec, B, .) -> (B, T_rec, .)
 
     # --- the loss ------------------------------------------------------------------
 
@@ -405,3 +387,31 @@ class LFADS(nn.Module):
         cfg = self.cfg
         kl = cfg.kl_ic_scale * terms["kl_ic"] + cfg.kl_co_scale * terms["kl_co"]
         return terms["recon"] + kl_weight * kl + l2_weight * terms["l2"]
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> dict:
+        """n trials drawn from the model itself, no data: z from the IC prior N(ic_prior_mean,
+        ic_prior_var), inputs u_t from the AR(1) prior (u_0 at its stationary variance
+        nvar / (1 - a^2), then u_t = a u_{t-1} + N(0, nvar), a = exp(-1/tau)), external inputs
+        zero, and the generator run step by step without dropout. Returns {"rates" (n, T_rec,
+        N) expected counts per bin, "factors" (n, T_rec, F), "ic" (n, ic_dim), "inputs"
+        (n, T_rec, co_dim) or None}."""
+        cfg, dev = self.cfg, self.ic_prior_mean.device
+        noise = lambda *shape: torch.randn(*shape, generator=generator, device=dev)  # noqa: E731
+        z = self.ic_prior_mean + math.sqrt(cfg.ic_prior_var) * noise(n, cfg.ic_dim)  # (n, ic_dim)
+        u = None
+        if cfg.co_dim:
+            a = torch.exp(-torch.exp(-self.co_prior_log_tau))  # (co_dim,)
+            nvar = torch.exp(self.co_prior_log_nvar)  # (co_dim,)
+            u = [torch.sqrt(nvar / (1 - a**2)) * noise(n, cfg.co_dim)]
+            for _ in range(cfg.t_rec - 1):
+                u.append(a * u[-1] + torch.sqrt(nvar) * noise(n, cfg.co_dim))
+            u = torch.stack(u, 1)  # (n, T_rec, co_dim)
+        g, w_fac, facs = self.ic_to_g0(z), F.normalize(self.fac.weight, dim=1), []
+        ext = torch.zeros(n, cfg.ext_dim, device=dev)
+        for t in range(cfg.t_rec):
+            x = torch.cat([u[:, t] if u is not None else ext[:, :0], ext], 1)  # (n, co + ext)
+            g = self.gen(x, g).clamp(-cfg.cell_clip, cfg.cell_clip)  # (n, H_gen)
+            facs.append(F.linear(g, w_fac))  # (n, F)
+        f = torch.stack(facs, 1)  # (n, T_rec, F)
+        return {"rates": torch.exp(self.read_out(f)), "factors": f, "ic": z, "inputs": u}

@@ -16,6 +16,7 @@ import torch
 
 from src.data import DataError, find_session_files, load_session
 from src.model import LFADS, LFADSConfig
+from src.runs import check_settings, overrides, writable
 from src.trainer import LoopState, TrainConfig
 
 KEYS = {"model", "optimizer", "scheduler", "rng", "model_config", "train_config", "session"}
@@ -27,8 +28,6 @@ OPTIMISER_SETTINGS = (("lr", "lr"), ("eps", "adam_eps"), ("weight_decay", "weigh
 def resumed_run(args, lead: bool = True, n_proc: int = 1) -> tuple:
     """Sessions, configs, run folder and checkpoint of the run in --resume, checked against
     each other; flags given now override the checkpoint's settings."""
-    from src.main import check_settings, overrides
-
     ckpt_path = os.path.join(args.resume, "ckpt_last.pt")
     if not os.path.isfile(ckpt_path):
         raise DataError(f"--resume {args.resume}: no checkpoint {ckpt_path}")
@@ -55,8 +54,6 @@ def resumed_run(args, lead: bool = True, n_proc: int = 1) -> tuple:
         sizes = sessions[0].sizes
     check_fits(ckpt, ckpt_path, mcfg, sizes, files)
     if lead:
-        from src.main import writable
-
         writable(args.resume)
         for tmp in glob.glob(os.path.join(args.resume, ".*.tmp")):  # left by a kill mid-save
             os.remove(tmp)
@@ -128,8 +125,21 @@ def set_rng_state(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    cuda = gpu_state(rng.get("cuda"))
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)  # the current GPU's, the one this process trains on
+
+
+def gpu_state(saved):
+    """The saved GPU random state of this process' GPU, or None when there is none to take: no
+    GPU now or then. A list holds one state per GPU that was visible at the save; a GPU past
+    its end has none."""
+    if saved is None or not torch.cuda.is_available():
+        return None
+    if isinstance(saved, torch.Tensor):
+        return saved
+    index = torch.cuda.current_device()
+    return saved[index] if index < len(saved) else None
 
 
 def apply_changed_settings(opt, sched, tc, saved: dict) -> None:

@@ -20,6 +20,8 @@ import torch.nn as nn
 from src.data import DataError, Session, device_split, load_session, sv_mask
 from src.metrics import LOSS_TERMS, evaluate
 from src.model import LFADS
+from src.trainer import Trainer
+from src.utils import atomic_path
 
 # file attributes that say what a bin is: sessions stitched together must agree on them
 ALIGN_ATTRS = ("align_event", "t_before", "t_after")
@@ -61,7 +63,8 @@ class StitchedLFADS(LFADS):
 
 
 class Stitched:
-    """The Trainer of a stitched model (mixed in by src/main.py's build)."""
+    """What a stitched model changes in the Trainer's loop: its model, data, batches and
+    validation (`StitchedTrainer` below; with several processes, src/distributed.py)."""
 
     def new_model(self):
         return StitchedLFADS(self.mcfg)
@@ -99,6 +102,10 @@ class Stitched:
         return (f"one stitched model over {len(self.sessions)} sessions: read-ins to "
                 f"{self.mcfg.readin_dim} shared dimensions ({self.pcr_dims} started by principal-"
                 f"component regression; {'trained' if self.mcfg.readin_train else 'fixed'})")
+
+
+class StitchedTrainer(Stitched, Trainer):
+    """The Trainer of several sessions in one process (src/main.py's build picks it)."""
 
 
 # -----------------------------------------------------------------------------
@@ -289,7 +296,7 @@ def shared_factors(sessions, outputs, run_dir, n_cond=6, max_sessions=6):
     condition averages (valid trials; all trials alike when the files have no conditions) of
     each session, projected on the top three principal components of all of them together.
     Stitching worked when the same condition traces the same path whatever the session."""
-    from src.plots import plt, save
+    import matplotlib.pyplot as plt  # src/plots.py, which calls this, chose the file backend
 
     pairs = list(zip(sessions, outputs))[:max_sessions]
     conds = [conditions(s, "valid") for s, _ in pairs]
@@ -319,4 +326,7 @@ def shared_factors(sessions, outputs, run_dir, n_cond=6, max_sessions=6):
     ax3.set(title="shared factors, PC1-3", xlabel="PC1", ylabel="PC2", zlabel="PC3")
     ax2.set(title="colour: condition, line style: session", xlabel="PC1", ylabel="PC2")
     ax2.legend(fontsize=7)
-    save(fig, run_dir, "factors_shared.png")
+    fig.tight_layout()
+    with atomic_path(os.path.join(run_dir, "factors_shared.png")) as tmp:  # no half figure
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,12 +1,14 @@
 """The training loop: ramps, AdamW, clipping, validation, checkpoints, the stop at the plateau.
 
-`Trainer.fit` is the loop and `LoopState` everything it carries from step to step. Resuming
-(src/resume.py), several processes (src/distributed.py) and several sessions (src/stitch.py)
-attach from outside, in src/main.py's `build`: they override the small methods below `fit`.
+`Trainer.fit` is the loop and `LoopState` everything it carries from step to step; a run of
+one session in one process uses this class as it stands. Several sessions (src/stitch.py's
+`StitchedTrainer`) and several processes (src/distributed.py's) are subclasses that override
+the small methods below `fit`; src/main.py's `build` picks one; src/resume.py restores state.
 """
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -14,6 +16,7 @@ from enum import Enum
 import torch
 from tqdm import tqdm
 
+from src import scan
 from src.data import Session, device_split, next_batch, steps_per_epoch, sv_mask
 from src.metrics import evaluate, write_csv
 from src.model import LFADS, LFADSConfig
@@ -28,7 +31,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay, per step
     grad_clip: float = 200.0  # largest global gradient norm (TF LFADS and lfads-torch: 200)
     lr_decay: float = 0.5  # factor on the learning rate when it decays (see --lr-patience)
-    lr_patience: int = 3  # evaluations without progress before the learning rate decays
+    lr_patience: int = 3  # evaluations without progress the lr waits; it decays at the next one
     lr_min: float = 1e-5  # the learning rate never decays below this
     max_steps: int = 20000  # ceiling on optimiser steps; training normally stops at the plateau
     max_minutes: float = 0.0  # ceiling on training wall time in minutes; 0 = none
@@ -48,6 +51,7 @@ class TrainConfig:
     device: str = "auto"  # where to train
     threads: int = 0  # torch CPU threads; 0 = torch's default
     precision: str = "fp32"  # bf16: bfloat16 matrix products (docs/performance.md)
+    compile: str = "auto"  # torch.compile each recurrent step (src/scan.py): on, off, auto (GPUs)
 
 
 def ramp(epoch: float, start: float, length: float) -> float:
@@ -55,6 +59,16 @@ def ramp(epoch: float, start: float, length: float) -> float:
     if length <= 0:
         return float(epoch >= start)
     return min(max((epoch - start) / length, 0.0), 1.0)
+
+
+def adamw(params, tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW updating every tensor in one fused kernel where torch has it (CPU from torch 2.4,
+    CUDA), else in one call per operation over all tensors (foreach)."""
+    params, kw = list(params), {"lr": tc.lr, "eps": tc.adam_eps, "weight_decay": tc.weight_decay}
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, TypeError):  # an older torch, or a device without the fused kernel
+        return torch.optim.AdamW(params, foreach=True, **kw)
 
 
 class Stop(Enum):
@@ -98,8 +112,8 @@ class Trainer:
         self.model = self.new_model().to(device)
         self.net = self.model  # what a training step calls: src/distributed.py wraps it
         self.setup_data()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tcfg.lr, eps=tcfg.adam_eps,
-                                     weight_decay=tcfg.weight_decay)
+        self.opt = adamw(self.model.parameters(), tcfg)
+        scan.COMPILE["setting"] = tcfg.compile
         # the lr decays when the smoothed selection loss stalls, by the plateau's own measure
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.opt, factor=tcfg.lr_decay, patience=tcfg.lr_patience, min_lr=tcfg.lr_min,
@@ -108,7 +122,10 @@ class Trainer:
         self.lead = True  # this process writes the files (src/distributed.py: rank 0 alone)
         self.last_saved = None  # the step of ckpt_last.pt
         self.signum = 0  # the signal that stopped fit(), if one did
-        self.bar = None  # the progress bar of fit()
+        self.bar = None  # the terminal's bar of fit(): the steps to the next evaluation
+        self.log = None  # prints a line per evaluation (src/main.py's build: print); None: quiet
+        self.draw = None  # draws curves.png from the metrics rows (src/main.py: src/plots.py's)
+        self.drawn_s = 0.0  # seconds spent drawing curves.png so far
 
     def new_model(self) -> LFADS:
         return LFADS(self.mcfg)
@@ -125,8 +142,9 @@ class Trainer:
         """Train to the plateau or a ceiling; validate, log and checkpoint every eval_every."""
         tc, s = self.tcfg, self.state
         t0, stop = time.time() - s.elapsed, self.stopped_before()
-        self.bar = tqdm(total=tc.max_steps, initial=s.step, desc="train", unit="step",
-                        dynamic_ncols=True, disable=None if self.lead else True)
+        self.bar = tqdm(total=self.period_length(), desc="to the next evaluation", unit="step",
+                        leave=False, dynamic_ncols=True,  # None: shown on a terminal only
+                        disable=None if self.lead and self.log else True)
         with stop_signals() as caught:
             while stop is None and s.step < tc.max_steps:
                 data, idx, kw = self.batch(s.step)
@@ -153,7 +171,8 @@ class Trainer:
         loss = self.model.total_loss(out.losses, kl_w, l2_w)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip,
+                                              foreach=True)
         if not self.finite(loss.item(), norm.item()):
             return None
         self.opt.step()
@@ -185,8 +204,13 @@ class Trainer:
             self.save("ckpt_last.pt")
         if improved:
             self.save("ckpt_best.pt")
+        if self.lead and self.log:
+            with tqdm.external_write_mode(file=sys.stdout):  # the line above the bar
+                self.log(self.progress_line(row), flush=True)
+        if self.lead and self.draw:
+            self.draw_curves()
         if self.bar is not None:
-            self.bar.set_postfix_str(self.postfix())
+            self.bar.reset(total=self.period_length())
         return self.patience_spent()
 
     # --- the pieces of the loop, which src/distributed.py and src/stitch.py extend --------
@@ -301,10 +325,34 @@ class Trainer:
         row.update({f"train_{k}": v / n for k, v in sums.items()})  # none if every step was bad
         return row
 
-    def postfix(self) -> str:
-        r = self.state.rows[-1]
-        s = f"recon {r['valid_recon']:.1f} co-bps {r.get('valid_co_bps', float('nan')):.3f}"
-        return s + (f" R2 {r['valid_r2']:.3f}" if "valid_r2" in r else "")
+    def period_length(self) -> int:
+        """Steps from now to the next evaluation, or to --max-steps if that comes first."""
+        s, tc = self.state.step, self.tcfg
+        return max(min(tc.eval_every - s % tc.eval_every, tc.max_steps - s), 0)
+
+    def progress_line(self, r: dict) -> str:
+        """An evaluation in a line: the training loss terms (means over the period), the
+        validation selection loss and scores, the lr and the evaluations without progress."""
+        s, tc, key = self.state, self.tcfg, selection_key(self.mcfg)
+        train = " ".join(f"{k} {r[f'train_{k}']:.4g}" for k in ("recon", "kl_ic", "kl_co", "l2")
+                         if f"train_{k}" in r)
+        valid = f"{key} {r[f'valid_{key}']:.4g} co-bps {r.get('valid_co_bps', math.nan):.3f}"
+        valid += f" R2 {r['valid_r2']:.3f}" if "valid_r2" in r else ""
+        if s.step < self.ramps_end():  # the plateau counts only once the ramps are done
+            wait = f"ramps {min(r['kl_weight'], r['l2_weight']):.0%}"
+        else:
+            wait = f"no progress {s.stalled}/{tc.patience or 'never'}"
+        return (f"step {s.step} {r['elapsed_s'] / 60:.1f} min | train {train} | valid {valid} "
+                f"| lr {r['lr']:.2g} | {wait}")
+
+    def draw_curves(self) -> None:
+        """curves.png redrawn, unless drawing has taken 1% of the training time so far: on a
+        short evaluation period the figure comes every few evaluations instead."""
+        if self.drawn_s > 0.01 * self.state.elapsed:
+            return
+        t0 = time.time()
+        self.draw(self.state.rows, self.run_dir)
+        self.drawn_s += time.time() - t0
 
     # --- files ---------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from src import main as lfads_main
 from src.data import DataError, load_session
 from src.metrics import write_csv
 from src.model import LFADSConfig
+from src.runs import flag, overrides
 from src.trainer import Stop, TrainConfig
 from src.utils import FlagParser, atomic_copy, atomic_write_text
 
@@ -187,7 +188,7 @@ def take_checkpoint(ckpt, run_dir: str) -> str | None:
 def member_flags(setup: dict, config: dict) -> list[str]:
     """src.main's flags of a member: the search's own, this config's hyperparameters, and no
     lr decay or plateau stop of its own."""
-    hyper = [x for k in setup["space"] for x in (lfads_main.flag(k), repr(float(config[k])))]
+    hyper = [x for k in setup["space"] for x in (flag(k), repr(float(config[k])))]
     return [*setup["flags"], *hyper, "--seed", str(config["seed"]), "--lr-patience",
             str(NEVER_STOP), "--patience", "0", "--max-minutes", "0",
             "--threads", str(setup["threads"])]
@@ -297,7 +298,7 @@ def new_search(args, flags: list[str]) -> dict:
     given = member.parse_args(["--data", args.data, *flags])  # exits on a bad value
     for k in (*SPACE, "run"):
         if getattr(given, k) is not None:
-            raise SearchError(f"{lfads_main.flag(k)} is the search's to set: leave it out of "
+            raise SearchError(f"{flag(k)} is the search's to set: leave it out of "
                               "the members' flags")
     co_dim = given.co_dim if given.co_dim is not None else LFADSConfig.co_dim
     sizes = session.sizes
@@ -308,7 +309,7 @@ def new_search(args, flags: list[str]) -> dict:
             raise SearchError(f"--{k} {v}: must be at least 1")
     if args.population < 2:
         raise SearchError("--population 1: a population needs at least 2 members")
-    tc = TrainConfig(**lfads_main.overrides(given, TrainConfig))
+    tc = TrainConfig(**overrides(given, TrainConfig))
     per_epoch = -(-len(session.train) // tc.batch_size)
     periods = lambda epochs: max(1, math.ceil(epochs * per_epoch / tc.eval_every))  # noqa: E731
     generation = periods(args.generation_epochs) * tc.eval_every
@@ -445,7 +446,21 @@ def connect(address: str | None, workers: int) -> dict:
     if not 1 <= workers <= cpus:
         raise SearchError(f"--workers {workers}: Ray has {cpus} CPUs here, so 1 to {cpus} "
                           "members can train at once (a larger --population takes turns)")
-    return {"cpu": cpus // workers, "gpu": gpus / workers if gpus else 0}
+    return {"cpu": cpus // workers, "gpu": gpus_per_member(gpus, workers)}
+
+
+def gpus_per_member(gpus: int, workers: int) -> float:
+    """A member trains on one GPU at most, so more would sit idle; with fewer GPUs than
+    members each takes an equal share, 1/k for the k members that must share a GPU. Ray takes
+    fractions up to 1 and whole numbers above (gpus / workers, 8 / 3 = 2.67, is refused), and
+    packs k shares of 1/k on one GPU, where 2 / 3 = 0.67 would fit only one member. Ray counts
+    in units of 1/10000, rounded to the nearest (its fixed_point.cc): 1/k is rounded down, or
+    7 shares of 1/7 would add up to more than one GPU."""
+    if gpus == 0:
+        return 0
+    if gpus >= workers:
+        return 1
+    return math.floor(10000 / math.ceil(workers / gpus)) / 10000
 
 
 def make_tuner(search: dict, out: str, resources: dict, resume: bool):

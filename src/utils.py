@@ -88,11 +88,61 @@ def stop_signals():
 def autocast(device, precision: str):
     """bfloat16 matrix products inside the block when precision is "bf16": weights, recurrent
     states and the loss stay float32 (the model casts), only the products' inputs and outputs
-    are rounded. A no-op for "fp32"."""
+    are rounded. "fp32" enters no torch.autocast at all: torch 2.1 to 2.4 raise for an MPS
+    device even when it is disabled."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision must be fp32 or bf16, not '{precision}'")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
-                          enabled=precision == "bf16")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def has_autocast(device_type: str) -> bool:
+    """torch has autocast for this device type: CPU and CUDA always, MPS from torch 2.5."""
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    return available(device_type) if available else device_type in ("cpu", "cuda")
+
+
+def autocast_off(device):
+    """A float32 block inside a bf16 one (the loss); nothing to switch off where torch has no
+    autocast for the device, where even a disabled torch.autocast raises."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, enabled=False) if has_autocast(kind) else contextlib.nullcontext()
+
+
+def use_device(device: torch.device, precision: str = "fp32") -> torch.device:
+    """Make a GPU the current one, so that what names no device (random states, NCCL's
+    buffers) lands on it; "cuda" alone is the current GPU."""
+    if device.type != "cuda":
+        return device
+    index = torch.cuda.current_device() if device.index is None else device.index
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work: timings of GPU work are meaningless without it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def bf16_support(device: torch.device) -> str | None:
+    """Why bf16 autocast cannot run on `device`, or None when it can."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            if not torch.cuda.is_bf16_supported():  # what torch.autocast checks, at its start
+                return f"{torch.cuda.get_device_name(device)} has no bfloat16"
+    elif device.type == "mps":
+        if not has_autocast("mps"):
+            return f"torch {torch.__version__} has no autocast for mps (torch 2.5 has)"
+        try:
+            torch.ones(1, dtype=torch.bfloat16, device=device)
+        except (RuntimeError, TypeError) as e:  # macOS before 14
+            return str(e).splitlines()[0]
+    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -102,10 +152,12 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """Every random state a run draws from: in the checkpoint, for an exact resume."""
+    """Every random state a run draws from: in the checkpoint, for an exact resume. On a GPU,
+    that of the current one, the one the run draws on (use_device): one state per visible GPU
+    would not fit a machine, or a process, that sees fewer."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "python": random.getstate(), "cuda": cuda}
 
 
 def has_mps() -> bool:

@@ -3,6 +3,10 @@ import sys
 
 import pytest
 
+# the recurrent steps run eagerly in the tests: torch.compile's first call takes seconds in
+# every process, and tests/test_scan.py checks the compiled steps against the eager ones
+os.environ["LFADS_COMPILE"] = "0"
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from src.metrics import bits_per_spike, r2, region_bps
-from src.model import LFADS, GRUCell, LFADSConfig, ar1_logprob, kl_normal
+from src.model import LFADS, LFADSConfig, ar1_logprob, bidirectional, gru_cell, kl_normal
+from src.scan import gate
 from src.trainer import ramp
 
 SIZES = dict(n_in=6, n_out=8, t_enc=10, t_rec=13)
@@ -25,16 +26,42 @@ def counts(b, t, n, seed=0):
     return torch.poisson(torch.full((b, t, n), 1.5), generator=torch.Generator().manual_seed(seed))
 
 
-def test_gru_cell_matches_torch():
+def test_gru_step_matches_torch():
     torch.manual_seed(0)
-    ours, ref = GRUCell(5, 7), torch.nn.GRUCell(5, 7)
-    ref.load_state_dict(ours.state_dict())
+    cell = torch.nn.GRUCell(5, 7)
     x, h = torch.randn(3, 5), torch.randn(3, 7)
-    torch.testing.assert_close(ours(ours.project(x), h), ref(x, h))
+    ours, _, _ = gate(torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih),
+                      torch.nn.functional.linear(h, cell.weight_hh, cell.bias_hh), h, 1e30)
+    torch.testing.assert_close(ours, cell(x, h))
+
+
+def test_encoders_match_torch_bidirectional_gru():
+    # every direction of two GRUs stepped in one scan equals torch.nn.GRU on each, and so do
+    # the gradients of inputs and weights
+    torch.manual_seed(0)
+    grus = [torch.nn.GRU(5, 6, batch_first=True, bidirectional=True) for _ in range(2)]
+    x = torch.randn(3, 9, 5, requires_grad=True)
+    w = torch.randn(3, 9, 12)
+    ours = bidirectional(grus, x)
+    torch.autograd.backward([(o * w).sum() for o in ours])
+    ours_grads = [x.grad.clone()] + [p.grad.clone() for g in grus for p in g.parameters()]
+    x.grad = None
+    for g in grus:
+        g.zero_grad()
+    ref = [g(x)[0] for g in grus]
+    torch.autograd.backward([(r * w).sum() for r in ref])
+    ref_grads = [x.grad] + [p.grad for g in grus for p in g.parameters()]
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r)
+    for o, r in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(o, r)
+    with torch.no_grad():  # without a backward the encoders are torch's GRU: the same states
+        for o, r in zip(bidirectional(grus, x), ours):
+            torch.testing.assert_close(o, r)
 
 
 def test_gate_biases_start_at_one():
-    cell = GRUCell(5, 7)
+    cell = gru_cell(5, 7)
     assert torch.all(cell.bias_ih[:14] == 1.0)
     assert not torch.all(cell.bias_ih[14:] == 1.0)
 
@@ -131,7 +158,7 @@ def test_controller_input_lag_hides_the_current_bin():
     t = 4
     y = x.clone()
     y[:, t] += 3.0
-    ci_x, ci_y = m.encode_ci(x), m.encode_ci(y)
+    ci_x, ci_y = m.encode(x)[2], m.encode(y)[2]
     assert ci_x.shape == (2, 13, 16)
     torch.testing.assert_close(ci_x[:, t], ci_y[:, t])  # bin t is invisible at step t
     assert not torch.allclose(ci_x[:, t + 1], ci_y[:, t + 1])  # forward half sees it at t + 1

@@ -18,6 +18,9 @@ BENCHES = {"quality": "src.bench.quality", "speed": "src.bench.speed",
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):  # asked for: the list, and success
+        print(__doc__.strip())
+        return 0
     if not argv or argv[0] not in BENCHES:
         print(__doc__.strip(), file=sys.stderr)
         return 2

@@ -3,13 +3,15 @@
     python -m src.bench speed                         # MC_Maze and quick-start sizes, this CPU
     python -m src.bench speed --configs mc_maze --threads 1 2 --steps 30
     python -m src.bench speed --device cuda
+    python -m src.bench speed --compile on              # each recurrent step compiled
 
 A training step is everything the trainer does per batch: forward with posterior sampling,
 dropout and coordinated dropout, the loss, backward, gradient clipping and the AdamW step.
-Inference is a forward pass with sampling, no gradient. Each is timed after warm-up steps,
-one measurement per step, and reported as the median with the 10th-90th percentile spread.
-The FLOP rate counts only matrix products (formula below), and is compared with the peak
-float32 matrix-multiply rate measured in the same run.
+Inference is a forward pass with sampling, no gradient. Each is timed after warm-up steps (in
+which --compile on compiles), one measurement per step, and reported as the median with the
+10th-90th percentile spread. The FLOP rate counts only matrix products (formula below), and is
+compared with the peak float32 matrix-multiply rate measured in the same run; the aten
+operations of one training step are counted by torch.profiler, nested calls and views included.
 """
 
 import argparse
@@ -18,9 +20,11 @@ import time
 
 import torch
 
+from src import scan
 from src.model import LFADS, LFADSConfig
 from src.reference import reference_forward
-from src.utils import FlagParser, autocast
+from src.trainer import TrainConfig, adamw
+from src.utils import FlagParser, autocast, synchronize
 
 # lfads-torch's NLB MC_Maze configuration (docs/design.md, Model facts from the references):
 # 35 encoder bins of 137 held-in neurons, 45 bins of 182 neurons reconstructed, batch 256,
@@ -59,11 +63,6 @@ def forward_flops(c: LFADSConfig, batch: int) -> float:
     return 2.0 * batch * (enc + con + gen + out + post)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def matmul_peak(device, sizes=(1024, 2048), repeats=5) -> float:
     """Best float32 GFLOP/s of square matrix products: the machine's practical peak."""
     best = 0.0
@@ -71,10 +70,10 @@ def matmul_peak(device, sizes=(1024, 2048), repeats=5) -> float:
         a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         a @ b
         for _ in range(repeats):
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             a @ b
-            sync(device)
+            synchronize(device)
             best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -92,10 +91,10 @@ def time_it(fn, device, steps: int, warmup: int) -> list:
         fn()
     times = []
     for _ in range(steps):
-        sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        synchronize(device)
         times.append(1000 * (time.perf_counter() - t0))
     return times
 
@@ -110,7 +109,7 @@ def bench_one(c: LFADSConfig, batch: int, path: str, device, steps: int, warmup:
         with autocast(device, precision):
             return run(*args, **kwargs)
     encod, recon = fake_batch(c, batch, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = adamw(model.parameters(), TrainConfig(lr=1e-3))  # the trainer's optimiser
 
     def train_step():  # what Trainer.train_step does
         model.train()
@@ -118,7 +117,7 @@ def bench_one(c: LFADSConfig, batch: int, path: str, device, steps: int, warmup:
         loss = model.total_loss(out.losses, 1.0, 1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 200.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 200.0, foreach=True)
         opt.step()
 
     @torch.no_grad()
@@ -128,7 +127,17 @@ def bench_one(c: LFADSConfig, batch: int, path: str, device, steps: int, warmup:
 
     train = time_it(train_step, device, steps, warmup)
     inf = time_it(infer, device, steps, max(1, warmup // 2))
-    return {"train": train, "infer": inf}
+    return {"train": train, "infer": inf, "ops": count_ops(train_step)}
+
+
+def count_ops(fn) -> int:
+    """aten operations of one call of fn, nested ones and views included (torch.profiler):
+    what the dispatcher, and on a GPU the kernel launches, pay for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        fn()
+    return sum(e.count for e in p.key_averages() if e.key.startswith("aten::"))
 
 
 def spread(ms: list) -> tuple:
@@ -167,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="untimed steps first (default: %(default)s)")
     p.add_argument("--device", default="cpu", metavar="{cpu,cuda,cuda:N,mps}",
                    help="where to time (default: %(default)s)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile each recurrent step as src.main's --compile does "
+                   "(default: auto, on a GPU only)")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                    metavar="{fp32,bf16}", help="matrix-product precisions to time "
                    "(default: fp32)")
@@ -182,6 +194,7 @@ def main(argv=None) -> int:
         device = torch.device(a.device)
     except RuntimeError:
         p.error(f"--device {a.device}: expected cpu, cuda, cuda:N or mps")
+    scan.COMPILE["setting"] = a.compile
     print(FLOP_FORMULA)
     rows = []
     for threads in a.threads:
@@ -192,10 +205,14 @@ def main(argv=None) -> int:
         for name in a.configs:
             rows += time_config(name, threads, a, device, peak)
     print("\n| config | threads | path | precision | train ms/step (p10-p90) | trials/s "
-          "| % of fp32 matmul peak | inference ms/batch |\n|---|---|---|---|---|---|---|---|")
-    for name, threads, path, prec, m, lo, hi, tps, share, mi in rows:
+          "| % of fp32 matmul peak | aten ops/step | inference ms/batch |"
+          "\n|---|---|---|---|---|---|---|---|---|")
+    for name, threads, path, prec, m, lo, hi, tps, share, ops, mi in rows:
         print(f"| {name} | {threads} | {path} | {prec} | {m:.1f} ({lo:.1f}-{hi:.1f}) | {tps:.0f} "
-              f"| {100 * share:.1f} | {mi:.1f} |")
+              f"| {100 * share:.1f} | {ops} | {mi:.1f} |")
+    if scan.COMPILE["seconds"]:
+        print(f"torch.compile: {scan.COMPILE['seconds']:.1f} s to compile the recurrent steps "
+              "(in the first steps, which are not timed)")
     return 0
 
 
@@ -212,9 +229,11 @@ def time_config(name: str, threads: int, a, device, peak: float) -> list:
             mi, _, _ = spread(r["infer"])
             med[path, prec] = m
             share = gflop / (m / 1000) / peak  # of the float32 peak, also for bf16
-            rows.append((name, threads, path, prec, m, lo, hi, batch / m * 1000, share, mi))
+            rows.append((name, threads, path, prec, m, lo, hi, batch / m * 1000, share,
+                         r["ops"], mi))
             print(f"  {path:9s} {prec} train {m:7.1f} ms/step (p10-p90 {lo:.1f}-{hi:.1f}),"
                   f" {batch / m * 1000:6.0f} trials/s, {gflop / (m / 1000):5.1f} GFLOP/s ="
-                  f" {100 * share:4.1f}% of fp32 peak; inference {mi:.1f} ms/batch")
+                  f" {100 * share:4.1f}% of fp32 peak, {r['ops']} aten ops; inference {mi:.1f}"
+                  " ms/batch")
     ratios(name, med, device)
     return rows

@@ -66,7 +66,8 @@ def search_run(name: str, data: str, args) -> dict:
         raise SystemExit(f"error: the search on {name} failed")
     row = evaluate(name, data, os.path.join(out, "best"), (time.time() - t0) / 60)
     # the hyperparameters that trained the exported checkpoint (the member's may have moved on)
-    best = torch.load(os.path.join(out, "best", "ckpt_best.pt"), weights_only=False)  # ours
+    best = torch.load(os.path.join(out, "best", "ckpt_best.pt"), map_location="cpu",
+                      weights_only=False)  # ours; a member on a GPU saved GPU tensors
     cfg = {**best["train_config"], **best["model_config"]}
     chosen = {k: cfg[k] for k in search.SPACE}
     with open(os.path.join(out, "search.json")) as f:
