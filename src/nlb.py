@@ -51,7 +51,8 @@ from src.utils import FlagParser, HelpFormatter, atomic_path
 @dataclass(frozen=True)
 class Spec:
     """One NLB'21 dataset. Retyped from nlb_tools 0.0.4's make_tensors.PARAMS (windows, lags,
-    PSTH conditions and kernels, forward bins, overlap rules) and the smoothing baseline's
+    PSTH conditions and kernels, forward bins, overlap rules; DMFC_RSG's jitter, per-trial
+    behaviour, outlier masks and set-to-go spans) and the smoothing baseline's
     examples/baselines/smoothing/run_smoothing.py (kernel SD and GLM penalty); the dandisets
     from the DANDI Archive."""
     dandiset: str  # DANDI Archive id
@@ -66,6 +67,10 @@ class Spec:
     decode_mask: str = ""  # boolean trials column: one decoder per value (Area2_Bump)
     fp_ms: int = 200  # forward-prediction span after the window
     smoothing: tuple = (50, 0.01)  # the smoothing baseline's kernel SD in ms and GLM penalty
+    trial_behaviour: tuple = ()  # trials columns scored per trial instead of a series (tp corr)
+    outlier: str = ""  # trials column: rows where it is not 0 lose behaviour, 1 their PSTH
+    jitter_ms: tuple = ()  # (interval, cap) ms: windows shift later, up to clip(interval - tp)
+    scored_from: str = ""  # trials column where the scored held-out spikes begin (NaN before)
 
 
 MAZE = dict(align="move_onset_time", window_ms=(-250, 450), behaviour="hand_vel",
@@ -84,9 +89,12 @@ DATASETS = {
                            smoothing=(60, 0.1), **MAZE),
     "mc_maze_small": Spec("000140", "ses-small", lag_ms=120, psth_sd_ms=50,
                           smoothing=(60, 0.1), **MAZE),
+    # windows end at go, shifted later at random; held-out spikes and PSTHs cover set to go
+    "dmfc_rsg": Spec("000130", "", "go_time", (-1500, 0), "", 0, (True, True),
+                     ("is_eye", "theta", "is_short", "ts"), 70, smoothing=(60, 0.001),
+                     trial_behaviour=("is_eye", "theta", "is_short", "ts", "tp"),
+                     outlier="is_outlier", jitter_ms=(1500, 300), scored_from="set_time"),
 }
-# DMFC_RSG (dandiset 000130) is left out: its windows are jittered at random, its scored spikes
-# and PSTHs cover set to go alone and it scores tp-corr instead of vel R2 (docs/nlb.md)
 RATE_KEYS = ("train_rates_heldin", "train_rates_heldout", "eval_rates_heldin",
              "eval_rates_heldout", "eval_rates_heldin_forward", "eval_rates_heldout_forward")
 RIDGE_ALPHAS = np.logspace(-4, 0, 9)  # nlb_tools' evaluation: velocity decoder's grid, 5 folds
@@ -226,28 +234,55 @@ class Windows:
     """The windows of one set of trials (NLB's training trials, or the scored ones)."""
     rows: np.ndarray  # (K,) rows of the trials table, in table order
     align_ns: np.ndarray  # (K,) the event, in nanoseconds
-    k0: np.ndarray  # (K,) first grid bin of the window
+    k0: np.ndarray  # (K,) first grid bin of the window (jitter included)
+    jitter: np.ndarray  # (K,) bins the window is shifted later than the event's (DMFC_RSG)
+
+
+def need_columns(rec: Recording, names) -> None:
+    missing = [c for c in names if c and c not in rec.trials]
+    if missing:
+        raise DataError(f"{rec.path}: the trials table has no column {', '.join(missing)}")
+
+
+def jitter_bins(rec: Recording, spec: Spec, rows: np.ndarray, bin_ms: int) -> np.ndarray:
+    """(R,) bins each window of `rows` (one set of splits, table order) shifts later. NLB
+    draws round(u * floor(round(span / bin, 4))) per row, u from numpy's legacy generator
+    seeded 0 for each set, span = clip(interval - tp, 0, cap) ms and 0 for test trials
+    (nlb_tools' PARAMS['dmfc_rsg']['jitter'] and _prep_jitter). NaN where tp is missing."""
+    if not spec.jitter_ms:
+        return np.zeros(len(rows))
+    interval, cap = spec.jitter_ms
+    tp = rec.trials["tp"][rows].astype(np.float64) if "tp" in rec.trials else np.nan
+    span = np.where(rec.trials["split"][rows] == "test", 0.0, np.clip(interval - tp, 0, cap))
+    top = np.floor(np.round(span / bin_ms, 4))
+    return np.round(np.random.RandomState(0).random_sample(len(rows)) * top)
 
 
 def windows(rec: Recording, spec: Spec, splits: tuple, n_bins: int, bin_ms: int,
             notes: list) -> Windows:
     """The trials of `splits` with an event and a window of n_bins inside the observed
     intervals (nlb_tools drops trials without the event too)."""
+    need_columns(rec, (spec.align,))
     split, event = rec.trials["split"], rec.trials[spec.align].astype(np.float64)
     want = np.isin(split, splits)
     if not want.any():
         raise DataError(f"{rec.path}: no trial has split {' or '.join(splits)}")
-    missing = want & ~np.isfinite(event)
+    rows = np.flatnonzero(want)
+    jit = jitter_bins(rec, spec, rows, bin_ms)  # drawn before any trial is dropped, as NLB
+    missing = ~np.isfinite(event[rows])
     if missing.any():
         note(notes, f"{missing.sum()} {'/'.join(splits)} trials dropped: no {spec.align}")
-    rows = np.flatnonzero(want & np.isfinite(event))
-    k0 = first_bins(event[rows], spec.window_ms[0], bin_ms)
+    no_tp = ~missing & ~np.isfinite(jit)
+    if no_tp.any():
+        note(notes, f"{no_tp.sum()} {'/'.join(splits)} trials dropped: no tp for the jitter")
+    rows, jit = rows[~missing & ~no_tp], jit[~missing & ~no_tp].astype(np.int64)
+    k0 = first_bins(event[rows], spec.window_ms[0], bin_ms) + jit
     ok = window_observed(rec, k0, n_bins, bin_ms)
     if not ok.all():
         note(notes, f"{(~ok).sum()} {'/'.join(splits)} trials dropped: their window leaves the "
                     "units' observed intervals")
-    rows, k0 = rows[ok], k0[ok]
-    return Windows(rows, np.round(event[rows] * 1e9), k0)
+    rows, k0, jit = rows[ok], k0[ok], jit[ok]
+    return Windows(rows, np.round(event[rows] * 1e9), k0, jit)
 
 
 def note(notes: list, text: str) -> None:
@@ -303,7 +338,7 @@ def behaviour_bins(rec: Recording, spec: Spec, w: Windows, n_bins: int, bin_ms: 
     idx = w.k0[:, None] + lag + np.arange(n_bins)  # (K, T)
     valid = (idx >= 0) & (idx < len(grid))
     if not overlap:
-        shifted = Windows(w.rows, w.align_ns, w.k0 + lag)
+        shifted = Windows(w.rows, w.align_ns, w.k0 + lag, w.jitter)
         keep = kept_bins(rec, shifted, spec.window_ms[0] + spec.lag_ms, n_bins, bin_ms)
         valid &= np.arange(n_bins) < keep[:, None]
     out = np.full(idx.shape + (grid.shape[1],), np.nan)
@@ -401,6 +436,90 @@ def psth_target(rec: Recording, spec: Spec, units, train: Windows, evals: Window
 
 
 # ---------------------------------------------------------------------------------------------
+# DMFC_RSG: behaviour per trial, scored spikes and PSTHs from set to go
+
+
+def trial_behaviour(rec: Recording, spec: Spec, rows: np.ndarray) -> np.ndarray:
+    """(K, D) trials columns as behaviour, NaN where the outlier column is not 0 (nlb_tools'
+    behavior_mask)."""
+    need_columns(rec, spec.trial_behaviour + (spec.outlier,))
+    out = np.stack([rec.trials[c][rows].astype(np.float64) for c in spec.trial_behaviour], -1)
+    out[rec.trials[spec.outlier][rows].astype(np.float64) != 0] = np.nan
+    return out
+
+
+def set_go_bins(rec: Recording, spec: Spec, w: Windows, bin_ms: int) -> tuple:
+    """((K,) first bin at or after scored_from, (K,) last bin that starts before the event):
+    nlb_tools slices its time index from the start to the event less 1 us."""
+    need_columns(rec, (spec.scored_from,))
+    start = rec.trials[spec.scored_from][w.rows].astype(np.float64)
+    if not np.isfinite(start).all():
+        raise DataError(f"{rec.path}: trial rows {w.rows[~np.isfinite(start)][:5].tolist()} "
+                        f"have no {spec.scored_from}")
+    step = bin_ms * 10**6
+    last = (w.align_ns.astype(np.int64) - 1000) // step
+    return first_bins(start, 0, bin_ms), last
+
+
+def scored_spikes(rec: Recording, spec: Spec, units: np.ndarray, w: Windows, n_bins: int,
+                  bin_ms: int) -> np.ndarray:
+    """(K, T, N) held-out spikes of the bins from scored_from to the event, NaN elsewhere.
+    nlb_tools (make_jagged_array, pad 'front', seg_len the window) puts a trial's last bin
+    before the event `jitter` bins before the array's end, which lines it up with the shifted
+    input window, and keeps at most T - jitter bins."""
+    s0, last = set_go_bins(rec, spec, w, bin_ms)
+    c = counts(rec, units, last - n_bins + 1, n_bins, bin_ms).astype(np.float64)  # (K, T, N)
+    q = np.arange(n_bins)
+    c[(last[:, None] - n_bins + 1 + q) < s0[:, None]] = np.nan  # bins before the start
+    src = q + w.jitter[:, None]  # (K, T) the bin of c that lands at each position
+    out = np.full(c.shape, np.nan)
+    ok = src < n_bins
+    out[ok] = c[np.nonzero(ok)[0], src[ok]]
+    return out
+
+
+def psth_set_go(rec: Recording, spec: Spec, units, train: Windows, evals: Windows,
+                n_bins: int, bin_ms: int) -> dict:
+    """NLB's PSTHs (C, T, N) for trials of varying length (nlb_tools' _make_psth with pad
+    'front'): per condition its trials that are not outliers (outlier column 1), from
+    scored_from to the event, smoothed as above; trials shorter than 0.8 x the condition's
+    mean length dropped; the mean of the bins that share a time from the event (rounded up to
+    the grid), the last min_len of them, NaN in front up to T. Also each condition's kept
+    trials and, to undo the shift of the input windows, the jitter in bins."""
+    w = Windows(*(np.r_[getattr(train, k), getattr(evals, k)]
+                  for k in ("rows", "align_ns", "k0", "jitter")))
+    s0, last = set_go_bins(rec, spec, w, bin_ms)
+    length = last - s0 + 1  # (K,)
+    combos, cond = conditions(rec, spec, w.rows)
+    cond[rec.trials[spec.outlier][w.rows].astype(np.float64) == 1] = -1
+    sm = smoothed_bins(rec, units, last - n_bins + 1, n_bins, bin_ms, spec.psth_sd_ms)
+    step = bin_ms * 10**6
+    event_bin = -((-w.align_ns.astype(np.int64)) // step)  # (K,) the event rounded up
+    rel = (last - event_bin - n_bins + 1)[:, None] + np.arange(n_bins)  # (K, T) from it
+    psths, kept = [], []
+    for c in range(len(combos)):
+        k = np.flatnonzero(cond == c)
+        if not len(k):
+            continue  # a condition of outliers alone
+        k = k[length[k] >= 0.8 * length[k].mean()]
+        n = length[k].min()
+        if n > n_bins:
+            raise DataError(f"{rec.path}: {spec.scored_from} to {spec.align} spans {n} bins in "
+                            f"condition {combos[c]}, more than the window's {n_bins}")
+        valid = (last[k, None] - n_bins + 1 + np.arange(n_bins)) >= s0[k, None]  # (k, T)
+        times = np.unique(rel[k][valid])[-n:]
+        psth = np.full((n_bins, len(units)), np.nan)
+        psth[n_bins - n:] = [sm[k][valid & (rel[k] == t)].mean(axis=0) for t in times]
+        psths.append(psth)
+        kept.append(k)
+    n_tr = len(train.rows)
+    return {"psth": np.stack(psths),
+            "train_cond_idx": [k[k < n_tr] for k in kept],
+            "eval_cond_idx": [k[k >= n_tr] - n_tr for k in kept],
+            "train_jitter": train.jitter, "eval_jitter": evals.jitter}
+
+
+# ---------------------------------------------------------------------------------------------
 # prepare: the session file and, in the val phase, the target file
 
 
@@ -413,8 +532,8 @@ class Prepared:
     units: tuple  # (held-in rows, held-out rows) of the train file's units table
     counts: np.ndarray  # (K, T + F, N) the training trials, held-in units first
     eval_heldin: np.ndarray  # (K_e, T, N_in) the scored trials' held-in spikes
-    behaviour: np.ndarray  # (K, T, D) the training trials' behaviour, lagged
-    grid: np.ndarray  # (S_bins, D) the behaviour at the bins' grid
+    behaviour: np.ndarray  # (K, T, D) the training trials' behaviour, lagged; (K, D) per trial
+    grid: np.ndarray | None  # (S_bins, D) the behaviour at the bins' grid (None: per trial)
     n_bins: int  # T
     n_fp: int  # F
 
@@ -423,7 +542,7 @@ def bin_phase(folder: str, spec: Spec, phase: str, bin_ms: int, notes: list) -> 
     train_path, test_path = find_files(folder, spec)
     n_bins = (spec.window_ms[1] - spec.window_ms[0]) // bin_ms
     n_fp = spec.fp_ms // bin_ms
-    rec = read_recording(train_path, spec, with_behaviour=True)
+    rec = read_recording(train_path, spec, with_behaviour=bool(spec.behaviour))
     train = windows(rec, spec, ("train",) if phase == "val" else ("train", "val"),
                     n_bins + n_fp, bin_ms, notes)
     check_no_cut(rec, spec, train, n_bins, bin_ms, spec.overlap[0])
@@ -436,12 +555,14 @@ def bin_phase(folder: str, spec: Spec, phase: str, bin_ms: int, notes: list) -> 
         ev_units = matching_units(ev_rec, rec.ids[units[0]])
         evals = windows(ev_rec, spec, ("test",), n_bins, bin_ms, notes)
     check_no_cut(ev_rec, spec, evals, n_bins, bin_ms, spec.overlap[1])
-    grid = resample(rec.behaviour, bin_ms)
+    if spec.behaviour:
+        grid = resample(rec.behaviour, bin_ms)
+        beh = behaviour_bins(rec, spec, train, n_bins, bin_ms, spec.overlap[1], grid)
+    else:
+        grid, beh = None, trial_behaviour(rec, spec, train.rows)
     return Prepared(rec, train, evals, units,
                     counts(rec, np.r_[units], train.k0, n_bins + n_fp, bin_ms),
-                    counts(ev_rec, ev_units, evals.k0, n_bins, bin_ms),
-                    behaviour_bins(rec, spec, train, n_bins, bin_ms, spec.overlap[1], grid),
-                    grid, n_bins, n_fp)
+                    counts(ev_rec, ev_units, evals.k0, n_bins, bin_ms), beh, grid, n_bins, n_fp)
 
 
 def matching_units(rec: Recording, ids: np.ndarray) -> np.ndarray:
@@ -484,15 +605,19 @@ def write_nlb_session(path: str, p: Prepared, spec: Spec, dataset: str, phase: s
     from types import SimpleNamespace
 
     train, valid = split_trials(len(p.train.rows), valid_frac, np.random.default_rng(seed))
-    pad = np.full(p.behaviour.shape[:1] + (p.n_fp, p.behaviour.shape[2]), np.nan)
-    beh = (np.concatenate([p.behaviour, pad], axis=1).astype(np.float32),
-           p.rec.behaviour_names, p.rec.behaviour_units)
+    beh = None  # behaviour per trial (DMFC_RSG) stays in the trials group and the target
+    if p.behaviour.ndim == 3:
+        pad = np.full(p.behaviour.shape[:1] + (p.n_fp, p.behaviour.shape[2]), np.nan)
+        beh = (np.concatenate([p.behaviour, pad], axis=1).astype(np.float32),
+               p.rec.behaviour_names, p.rec.behaviour_units)
     n_in = len(p.units[0])
     extra = {"test_encod_data": p.eval_heldin.astype(smallest_uint(p.eval_heldin)),
              "unit_ids": p.rec.ids[np.r_[p.units]],
              "trials": {c: v.astype(np.float64) for c, v in p.rec.trials.items()
                         if v.dtype.kind in "biuf"},
              "nlb_train_rows": p.train.rows, "nlb_eval_rows": p.evals.rows}
+    if spec.jitter_ms:  # where each window starts: the event's bin, shifted by these bins
+        extra.update(nlb_train_jitter=p.train.jitter, nlb_test_jitter=p.evals.jitter)
     kern_sd, alpha = spec.smoothing
     attrs = {"bin_size": bin_ms / 1000, "fp_bins": p.n_fp, "nlb_dataset": dataset,
              "nlb_phase": phase, "nlb_bin_ms": bin_ms, "nlb_target": os.path.basename(target)
@@ -510,9 +635,11 @@ def target_tensors(p: Prepared, spec: Spec, bin_ms: int) -> dict:
     """What NLB scores the val phase against (nlb_tools' make_eval_target_tensors)."""
     rec, ev, t, f = p.rec, p.evals, p.n_bins, p.n_fp
     heldin, heldout = p.units
-    out = {"eval_spikes_heldout": counts(rec, heldout, ev.k0, t, bin_ms),
+    out = {"eval_spikes_heldout": scored_spikes(rec, spec, heldout, ev, t, bin_ms)
+           if spec.scored_from else counts(rec, heldout, ev.k0, t, bin_ms),
            "train_behavior": p.behaviour,
-           "eval_behavior": behaviour_bins(rec, spec, ev, t, bin_ms, spec.overlap[1], p.grid),
+           "eval_behavior": trial_behaviour(rec, spec, ev.rows) if p.grid is None else
+           behaviour_bins(rec, spec, ev, t, bin_ms, spec.overlap[1], p.grid),
            "eval_spikes_heldin_forward": counts(rec, heldin, ev.k0 + t, f, bin_ms),
            "eval_spikes_heldout_forward": counts(rec, heldout, ev.k0 + t, f, bin_ms)}
     if spec.decode_mask:  # one decoder per value of the column
@@ -520,12 +647,14 @@ def target_tensors(p: Prepared, spec: Spec, bin_ms: int) -> dict:
             v = rec.trials[spec.decode_mask][w.rows]
             out[f"{name}_decode_mask"] = np.stack([v == 0, v == 1]).T
     if spec.psth_conds:
-        out.update(psth_target(rec, spec, np.r_[heldin, heldout], p.train, ev, t, bin_ms))
+        psth = psth_set_go if spec.scored_from else psth_target
+        out.update(psth(rec, spec, np.r_[heldin, heldout], p.train, ev, t, bin_ms))
     return out
 
 
 def write_target(path: str, group: str, tensors: dict) -> None:
-    """NLB's target layout: one group; floats as float32, condition indices as ragged ints."""
+    """NLB's target layout: one group; floats as float32, condition indices as ragged ints,
+    jitter as ints (NLB's evaluation slices with it)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         g = f.create_group(group)
         for key, v in tensors.items():
@@ -535,7 +664,8 @@ def write_target(path: str, group: str, tensors: dict) -> None:
                     d[i] = idx
             else:
                 v = np.asarray(v)
-                g.create_dataset(key, data=v if v.dtype == bool else v.astype(np.float32),
+                keep = v.dtype == bool or key.endswith("_jitter")
+                g.create_dataset(key, data=v if keep else v.astype(np.float32),
                                  compression="gzip")
 
 
@@ -561,37 +691,82 @@ def velocity_r2(train_rates, train_beh, train_masks, eval_rates, eval_beh, eval_
     return float(np.mean(r2s))
 
 
-def psth_r2(psth, eval_rates, cond_idx) -> float:
+def shift_later(rates: np.ndarray, jitter: np.ndarray) -> np.ndarray:
+    """(K, T, N) each trial's rates moved `jitter` bins later (earlier if negative), NaN where
+    nothing lands: undoes the shift of DMFC_RSG's input windows (nlb_tools' eval_psth)."""
+    out = np.full(rates.shape, np.nan)
+    t = rates.shape[1]
+    for i, j in enumerate(np.asarray(jitter, np.int64).tolist()):
+        if j >= 0:
+            out[i, j:] = rates[i, :t - j]
+        else:
+            out[i, :t + j] = rates[i, -j:]
+    return out
+
+
+def psth_r2(psth, eval_rates, cond_idx, jitter=None) -> float:
     """R2 (mean over neurons) of the condition means of the scored trials' rates against NLB's
-    PSTHs, all conditions' bins stacked."""
+    PSTHs over the PSTHs' bins that are not NaN, all conditions' bins stacked."""
     from sklearn.metrics import r2_score
 
+    if jitter is not None:
+        eval_rates = shift_later(eval_rates, jitter)
     true, pred = [], []
     for c, idx in enumerate(cond_idx):
         if len(idx):
             keep = ~np.isnan(psth[c, :, 0])
             true.append(psth[c][keep])
             pred.append(eval_rates[np.asarray(idx)].mean(axis=0)[keep])
+            if np.isnan(pred[-1]).any():
+                raise DataError("the PSTH of a condition reaches bins its trials' shifted "
+                                "windows do not cover")
     return float(r2_score(np.vstack(true), np.vstack(pred)))
 
 
+def tp_corr(scored: np.ndarray, rates: np.ndarray, behaviour: np.ndarray) -> float:
+    """NLB's tp corr (nlb_tools' speed_tp_correlation): per trial the neural speed, the mean
+    step ||r(t+1) - r(t)|| of all units' rates over the scored bins (set to go); Pearson's r
+    of it with tp (the last column) within each condition of the first three columns (is_eye,
+    theta, is_short; outliers' rows are NaN and left out), averaged over conditions.
+    scored: (K, T) bool; rates: (K, T, N); behaviour: (K, D)."""
+    speed = np.array([np.linalg.norm(np.diff(r[m], axis=0), axis=1).mean()
+                      for r, m in zip(rates, scored)])  # (K,)
+    cond = behaviour[:, :3]
+    rs = []
+    for c in np.unique(cond[~np.isnan(cond).all(axis=1)], axis=0):
+        m = (cond == c).all(axis=1)
+        x, y = speed[m] - speed[m].mean(), behaviour[m, -1] - behaviour[m, -1].mean()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rs.append(np.sum(x * y) / np.sqrt(np.sum(x * x) * np.sum(y * y)))
+    return float(np.mean(rs))
+
+
 def evaluate(target: dict, sub: dict) -> dict:
-    """co-bps, vel R2, PSTH R2 (where the target has PSTHs) and fp-bps of a submission group
-    against a target group, as nlb_tools' evaluate scores them."""
+    """co-bps, vel R2 (tp corr where the behaviour is one row per trial: DMFC_RSG), PSTH R2
+    (where the target has PSTHs) and fp-bps of a submission group against a target group, as
+    nlb_tools' evaluate scores them."""
     from src.metrics import bits_per_spike
 
     cat = lambda a, b: np.concatenate([a, b], axis=-1).astype(np.float64)  # noqa: E731
     ev = cat(sub["eval_rates_heldin"], sub["eval_rates_heldout"])  # (K_e, T, N)
-    tr = cat(sub["train_rates_heldin"], sub["train_rates_heldout"])
-    every = lambda a: np.ones((len(a), 1), bool)  # noqa: E731
-    masks = (target["train_decode_mask"], target["eval_decode_mask"]) if (
-        "train_decode_mask" in target) else (every(tr), every(ev))
-    out = {"co_bps": float(bits_per_spike(sub["eval_rates_heldout"],
-                                          target["eval_spikes_heldout"])),
-           "vel_r2": velocity_r2(tr, target["train_behavior"], masks[0], ev,
-                                 target["eval_behavior"], masks[1])}
+    spikes = np.asarray(target["eval_spikes_heldout"], np.float64)
+    # NLB leaves NaN target bins out of co-bps, the null model's means included: DMFC_RSG's
+    # bins outside set to go (whole bins, all units)
+    scored = ~np.isnan(spikes[..., 0])  # (K_e, T)
+    out = {"co_bps": float(bits_per_spike(
+        np.asarray(sub["eval_rates_heldout"], np.float64)[scored][None], spikes[scored][None]))}
+    if np.ndim(target["eval_behavior"]) == 2:
+        out["tp_corr"] = tp_corr(scored, ev, target["eval_behavior"])
+    else:
+        tr = cat(sub["train_rates_heldin"], sub["train_rates_heldout"])
+        every = lambda a: np.ones((len(a), 1), bool)  # noqa: E731
+        masks = (target["train_decode_mask"], target["eval_decode_mask"]) if (
+            "train_decode_mask" in target) else (every(tr), every(ev))
+        out["vel_r2"] = velocity_r2(tr, target["train_behavior"], masks[0], ev,
+                                    target["eval_behavior"], masks[1])
     if "psth" in target:
-        out["psth_r2"] = psth_r2(target["psth"], ev, target["eval_cond_idx"])
+        psth = np.asarray(target["psth"], np.float64)  # (C, T, N), as NLB reads it
+        out["psth_r2"] = psth_r2(psth, ev, target["eval_cond_idx"], target.get("eval_jitter"))
     out["fp_bps"] = float(bits_per_spike(
         cat(sub["eval_rates_heldin_forward"], sub["eval_rates_heldout_forward"]),
         cat(target["eval_spikes_heldin_forward"], target["eval_spikes_heldout_forward"])))

@@ -173,6 +173,69 @@ def rtt_files(folder, seed: int = 2, n_segments: int = 30) -> dict:
     return {"spikes": spikes, "start": start, "split": split, "units": units}
 
 
+def dmfc_spikes(rng, unit: int, sets, gos, end: float) -> np.ndarray:
+    """Poisson spikes whose rate ramps from set to go at a speed set by the produced interval
+    (the neural speed that tp corr measures): faster ramps before shorter tp."""
+    r = np.full(int(round(end * 1000)), 6.0 + unit % 5)
+    for s, g in zip(sets, gos):
+        i0, i1 = int(s * 1000), int(g * 1000)
+        phase = np.arange(i1 - i0) / (i1 - i0)
+        r[i0:i1] += (10 + 4 * (unit % 3)) * np.sin(np.pi * phase * (1 + unit % 2)) ** 2
+    n = rng.poisson(r * 0.001)
+    times = np.repeat(np.arange(r.size) / 1000, n) + rng.uniform(0, 0.001, n.sum())
+    return np.sort(times[times < end])
+
+
+DMFC_UNITS = [5, 2, 9, 0, 7, 3, 8, 1]
+DMFC_HELDOUT = {9, 1}
+
+
+def dmfc_files(folder, seed: int = 4, n_trials: int = 160) -> dict:
+    """DMFC_RSG's layout: ready-set-go trials with set_time and go_time, the sample interval ts
+    and the produced interval tp in ms, is_eye/theta/is_short conditions (ten trials in a row
+    share one), is_outlier; the test file's trials lack tp."""
+    rng = np.random.default_rng(seed)
+    k = np.arange(n_trials)
+    cond = (k // 10) % 8
+    is_eye, theta, is_short = cond % 2, 180.0 * (cond // 2 % 2), cond // 4
+    ts = np.where(is_short == 1, rng.choice([560.0, 720.0], n_trials),
+                  rng.choice([880.0, 1100.0], n_trials))
+    tp = np.round(ts * (1 + 0.08 * rng.normal(size=n_trials)), 3)
+    tp[22] = 0.6 * ts[22]  # shorter than 0.8 of its condition's mean: out of the PSTH
+    start = 0.4 + 3.5 * k
+    sets = start + 1.3 + np.round(rng.uniform(0, 0.3, n_trials), 6)
+    gos = sets + tp / 1000
+    split = np.array(["train", "val", "train", "val", "train", "train", "train", "train",
+                      "train", "none"])[k % 10]
+    outlier = np.zeros(n_trials)
+    outlier[(k % 10 == 7) | (k == 13)] = 1
+    end = start[-1] + 4.0
+    spikes = {u: dmfc_spikes(rng, i, sets, gos, end) for i, u in enumerate(DMFC_UNITS)}
+    nwb = nwb_file("dmfc-train")
+    add_units(nwb, spikes, DMFC_HELDOUT, [[0.0, end]])
+    add_trials(nwb, {"start_time": start, "stop_time": gos + 0.6, "set_time": sets,
+                     "go_time": gos, "split": split, "is_eye": is_eye.astype(bool),
+                     "theta": theta, "is_short": is_short.astype(bool), "ts": ts, "tp": tp,
+                     "is_outlier": outlier})
+    folder.mkdir(parents=True, exist_ok=True)
+    write(nwb, folder / "sub-Haydn_desc-train_ecephys.nwb")
+    t_start = 0.4 + 3.5 * np.arange(12)
+    t_set = t_start + 1.4
+    t_go = t_set + rng.uniform(0.5, 1.1, 12)
+    test = nwb_file("dmfc-test")
+    hin = [u for u in DMFC_UNITS if u not in DMFC_HELDOUT]
+    add_units(test, {u: dmfc_spikes(rng, i, t_set, t_go, t_start[-1] + 4) for i, u in
+                     enumerate(hin)}, set(), [[0.0, t_start[-1] + 4]])
+    add_trials(test, {"start_time": t_start, "stop_time": t_go + 0.6, "set_time": t_set,
+                      "go_time": t_go, "split": np.array(["test"] * 12),
+                      "is_eye": np.zeros(12, bool), "theta": np.zeros(12),
+                      "is_short": np.ones(12, bool), "ts": np.full(12, 640.0)})
+    write(test, folder / "sub-Haydn_desc-test_ecephys.nwb")
+    return {"spikes": spikes, "set": sets, "go": gos, "split": split, "tp": tp, "ts": ts,
+            "is_eye": is_eye, "theta": theta, "is_short": is_short, "outlier": outlier,
+            "test_spikes": None, "test_go": t_go}
+
+
 # ---------------------------------------------------------------------------------------------
 # nlb_tools' definitions, retyped
 
@@ -378,6 +441,110 @@ def test_psth_is_nlbs_smoothed_condition_mean(tmp_path):
         np.testing.assert_allclose(psth[c], mean, rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def dmfc_val(tmp_path_factory):
+    """DMFC_RSG-shaped files and their val-phase session and target files (5 ms bins)."""
+    pytest.importorskip("pynwb")
+    folder = tmp_path_factory.mktemp("dmfc")
+    truth = dmfc_files(folder / "dandi")
+    session, target = prepare(folder / "dandi", "dmfc_rsg", "val", 5, folder / "out")
+    return truth, session, target
+
+
+def nlb_jitter(tp, split, bin_ms: int) -> np.ndarray:
+    """DMFC_RSG's window shifts in bins (nlb_tools' PARAMS jitter and _prep_jitter): numpy's
+    legacy generator seeded 0, one draw per trial in table order, u * floor(round(range / bin,
+    4)) rounded, range = clip(1500 - tp, 0, 300) ms, 0 for test trials."""
+    np.random.seed(0)
+    out = []
+    for t, s in zip(tp, split):
+        top = np.floor(np.round((0.0 if s == "test" else np.clip(1500 - t, 0, 300)) / bin_ms, 4))
+        out.append(int(np.round(np.random.random() * top)))
+    return np.array(out)
+
+
+def set_go(set_s: float, go_s: float, bin_ms: int) -> tuple:
+    """(first bin, number of bins) of the grid bins that start at or after set and before go
+    (nlb_tools slices its index from set_time to go_time less 1 us)."""
+    step = bin_ms * 10**6
+    s0 = -(-int(round(set_s * 1e9)) // step)
+    return s0, (int(round(go_s * 1e9)) - 1000) // step - s0 + 1
+
+
+def test_dmfc_jittered_windows_set_go_spikes_behaviour_and_psth(dmfc_val):
+    """DMFC_RSG: windows 1500 ms before go_time, each shifted later at random (training and
+    scored trials drawn separately from seed 0); forward bins from the shifted go; held-out
+    spikes scored from set to go alone, lined up with the shifted window, NaN elsewhere;
+    behaviour per trial; PSTHs of set to go over the non-outlier trials of each condition."""
+    from scipy.signal.windows import gaussian
+
+    truth, session, target = dmfc_val
+    heldin = sorted(u for u in DMFC_UNITS if u not in DMFC_HELDOUT)
+    ids = heldin + sorted(DMFC_HELDOUT)
+    train, val = (np.flatnonzero(truth["split"] == s) for s in ("train", "val"))
+    jit_tr, jit_ev = nlb_jitter(truth["tp"][train], "x" * len(train), 5), nlb_jitter(
+        truth["tp"][val], "x" * len(val), 5)
+    assert jit_tr.max() > 20 and len(set(jit_tr.tolist())) > 10  # the shift is real
+    with h5py.File(session) as f:
+        assert "train_behavior" not in f  # behaviour per trial: in the target, not a series
+        rows = np.r_[f["train_inds"][()], f["valid_inds"][()]]
+        rec = np.concatenate([f["train_recon_data"][()], f["valid_recon_data"][()]])
+        rec, rows = rec[np.argsort(rows)], np.sort(rows)
+        assert rows.tolist() == train.tolist() and rec.shape == (len(train), 300 + 40, 8)
+        assert f["nlb_train_jitter"][()].tolist() == jit_tr.tolist()
+        for i, r in enumerate(rows):
+            k0 = first_bin(truth["go"][r], -1500, 5) + jit_tr[i]
+            np.testing.assert_array_equal(rec[i], hand_counts(truth["spikes"], ids, k0, 340, 5))
+        test = f["test_encod_data"][()]
+        for i, r in enumerate(val):
+            k0 = first_bin(truth["go"][r], -1500, 5) + jit_ev[i]
+            np.testing.assert_array_equal(test[i], hand_counts(truth["spikes"], heldin, k0, 300,
+                                                               5))
+    with h5py.File(target) as f:
+        g = {k: (list(v[()]) if v.dtype.kind == "O" else v[()]) for k, v in f["dmfc_rsg"].items()}
+    assert g["eval_jitter"].tolist() == jit_ev.tolist() and g["eval_jitter"].dtype.kind == "i"
+    cols = ("is_eye", "theta", "is_short", "ts", "tp")
+    for name, r in (("train_behavior", train), ("eval_behavior", val)):
+        want = np.stack([np.asarray(truth[c][r], float) for c in cols], -1)
+        want[truth["outlier"][r] != 0] = np.nan
+        np.testing.assert_allclose(g[name], want, rtol=1e-6)
+    for i, r in enumerate(val):
+        s0, n = set_go(truth["set"][r], truth["go"][r], 5)
+        end = 300 - jit_ev[i]  # the bin before go sits jitter bins before the end ...
+        assert first_bin(truth["go"][r], -1500, 5) + jit_ev[i] + end - 1 == s0 + n - 1  # ... in it
+        want = np.full((300, 2), np.nan)
+        want[end - n:end] = hand_counts(truth["spikes"], sorted(DMFC_HELDOUT), s0, n, 5)
+        np.testing.assert_array_equal(g["eval_spikes_heldout"][i], want)
+        k0 = first_bin(truth["go"][r], 0, 5) + jit_ev[i]  # forward bins from the shifted go
+        np.testing.assert_array_equal(g["eval_spikes_heldin_forward"][i], hand_counts(
+            truth["spikes"], heldin, k0, 40, 5))
+    # PSTHs: the whole recording smoothed at 1 ms, 5 ms sums, set to go of each condition's
+    # non-outlier trials, trials under 0.8 x the mean length out, the last min_len bins
+    w = gaussian(420, 70, sym=True)
+    w /= w.sum()
+    n_ms = int(round(truth["spikes"][DMFC_UNITS[0]].max() * 1000)) + 2000
+    sm = np.stack([np.convolve(np.bincount(ms_samples(truth["spikes"][u]), minlength=n_ms), w,
+                               "same") for u in ids], -1)
+    both = np.r_[train, val]
+    key = [tuple(float(truth[c][r]) for c in cols[:4]) for r in both]
+    combos = sorted(set(key))
+    assert g["psth"].shape == (len(combos), 300, 8)
+    for c, combo in enumerate(combos):
+        members = [i for i, k in enumerate(key) if k == combo and truth["outlier"][both[i]] != 1]
+        spans = [set_go(truth["set"][both[i]], truth["go"][both[i]], 5) for i in members]
+        lens = np.array([n for _, n in spans])
+        kept = [m for m, n in zip(members, lens) if n >= 0.8 * lens.mean()]
+        n = lens[lens >= 0.8 * lens.mean()].min()
+        ends = [s0 + ln for (s0, ln), ln0 in zip(spans, lens) if ln0 >= 0.8 * lens.mean()]
+        mean = np.mean([sm[(e - n) * 5:e * 5].reshape(n, 5, -1).sum(1) for e in ends], 0)
+        assert np.isnan(g["psth"][c, :300 - n]).all()
+        np.testing.assert_allclose(g["psth"][c, 300 - n:], mean, rtol=1e-4, atol=1e-6)
+        idx = np.r_[g["train_cond_idx"][c], len(train) + g["eval_cond_idx"][c]]
+        assert sorted(idx.tolist()) == kept
+    short = train.tolist().index(22)  # the trial whose tp is 0.6 ts: out of every PSTH
+    assert not any(short in x.tolist() for x in g["train_cond_idx"])
+
+
 # ---------------------------------------------------------------------------------------------
 # the scores
 
@@ -435,6 +602,64 @@ def test_scores_equal_nlbs_formulas():
     gs = GridSearchCV(Ridge(), {"alpha": np.logspace(-4, 0, 9)}, cv=5).fit(x, y)
     yp = gs.best_estimator_.predict(ev.reshape(-1, 6))
     assert got["vel_r2"] == pytest.approx(r2_mean(target["eval_behavior"].reshape(-1, 2), yp))
+
+
+def test_dmfc_scores_and_submission_equal_nlbs(dmfc_val, tmp_path):
+    """DMFC_RSG's scores as NLB's evaluation computes them: co-bps over the bins that are not
+    NaN (set to go), the null model's means over those bins; tp corr instead of vel R2; PSTH
+    R2 of rates moved later by each trial's jitter. `submit` writes them for a run."""
+    from scipy.special import gammaln
+    from scipy.stats import pearsonr
+
+    from src.nlb import RATE_KEYS, main, read_group
+
+    truth, session, target = dmfc_val
+    with h5py.File(session) as f:
+        n_tr, n_ev = len(f["nlb_train_rows"]), len(f["nlb_eval_rows"])
+    rng = np.random.default_rng(5)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": session}))
+    with h5py.File(session) as f, h5py.File(run / "lfads_output.h5", "w") as out:
+        for name in ("train", "valid", "test"):  # a stand-in run's rates
+            k = len(f[f"{name}_inds"]) if name != "test" else n_ev
+            out[f"{name}_rates"] = rng.uniform(0.02, 0.4, (k, 340, 8)).astype(np.float32)
+    assert main(["submit", str(run), "--out", str(tmp_path / "sub.h5")]) == 0
+    scores = json.loads((run / "nlb_scores.json").read_text())
+    assert set(scores) == {"dataset", "co_bps", "tp_corr", "psth_r2", "fp_bps"}
+    sub = read_group(str(tmp_path / "sub.h5"), "dmfc_rsg")
+    assert {k: sub[k].shape for k in RATE_KEYS} == {
+        "train_rates_heldin": (n_tr, 300, 6), "train_rates_heldout": (n_tr, 300, 2),
+        "eval_rates_heldin": (n_ev, 300, 6), "eval_rates_heldout": (n_ev, 300, 2),
+        "eval_rates_heldin_forward": (n_ev, 40, 6), "eval_rates_heldout_forward": (n_ev, 40, 2)}
+    g = read_group(target, "dmfc_rsg")
+    spikes, rates = g["eval_spikes_heldout"].astype(float), sub["eval_rates_heldout"].astype(float)
+    assert 0 < np.isnan(spikes).mean() < 1
+    ok = ~np.isnan(spikes)  # NLB drops NaN elements, then counts and averages the rest
+    null = np.broadcast_to(np.nanmean(spikes, axis=(0, 1), keepdims=True), spikes.shape)[ok]
+    nll = lambda r, k: np.sum(r - k * np.log(r) + gammaln(k + 1))  # noqa: E731
+    want = (nll(null, spikes[ok]) - nll(rates[ok], spikes[ok])) / np.nansum(spikes) / np.log(2)
+    assert scores["co_bps"] == pytest.approx(want, rel=1e-9)
+    ev = np.concatenate([sub["eval_rates_heldin"], sub["eval_rates_heldout"]], -1).astype(float)
+    speed = [np.mean(np.linalg.norm(np.diff(r[m[:, 0]], axis=0), axis=1)) for r, m in zip(ev, ok)]
+    beh = g["eval_behavior"]
+    conds = {tuple(b[:3]) for b in beh if not np.isnan(b[:3]).all()}
+    rs = [pearsonr(np.array(speed)[(beh[:, :3] == c).all(1)], beh[(beh[:, :3] == c).all(1), 4])[0]
+          for c in conds]
+    assert len(conds) == 8 and scores["tp_corr"] == pytest.approx(np.mean(rs), rel=1e-9)
+    moved = np.full_like(ev, np.nan)
+    for i, j in enumerate(g["eval_jitter"]):
+        moved[i, j:] = ev[i, :300 - j]
+    psth = g["psth"].astype(float)  # NLB's evaluation reads float64
+    true = np.vstack([psth[c][~np.isnan(psth[c, :, 0])]
+                      for c, x in enumerate(g["eval_cond_idx"]) if len(x)])
+    pred = np.vstack([moved[x].mean(0)[~np.isnan(psth[c, :, 0])]
+                      for c, x in enumerate(g["eval_cond_idx"]) if len(x)])
+    assert scores["psth_r2"] == pytest.approx(r2_mean(true, pred), rel=1e-9)
+    fwd = lambda d, p: np.concatenate([d[f"eval_{p}_heldin_forward"],  # noqa: E731
+                                       d[f"eval_{p}_heldout_forward"]], -1).astype(float)
+    assert scores["fp_bps"] == pytest.approx(nlb_bits_per_spike(fwd(sub, "rates"),
+                                                                fwd(g, "spikes")), rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
