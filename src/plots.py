@@ -71,58 +71,84 @@ def spikes_and_rates(session, out, run_dir, trials=(0, 1, 2), suffix=""):
     save(fig, run_dir, f"rates{suffix}.png")
 
 
-def factors(out, run_dir, n_trials=20, suffix=""):
-    """Factor trajectories projected on their top two principal components."""
+def factors(out, run_dir, n_trials=20, suffix="", bin_s=1.0):
+    """Factor trajectories projected on their top two principal components, and the top three
+    components of one trial over time."""
     fac = out["factors"][:n_trials]  # (trials, T, F)
     flat = fac.reshape(-1, fac.shape[-1])
     flat = flat - flat.mean(0)
     _, _, vt = np.linalg.svd(flat, full_matrices=False)
-    pcs = (fac - fac.reshape(-1, fac.shape[-1]).mean(0)) @ vt[:2].T  # (trials, T, 2)
+    pcs = (fac - fac.reshape(-1, fac.shape[-1]).mean(0)) @ vt[:3].T  # (trials, T, <= 3)
+    t = np.arange(fac.shape[1]) * bin_s
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for tr in pcs:
-        if pcs.shape[-1] == 2:
+        if pcs.shape[-1] >= 2:
             axes[0].plot(tr[:, 0], tr[:, 1], lw=0.8)
         else:  # a single factor has no second component: plot it over time
-            axes[0].plot(tr[:, 0], lw=0.8)
-    if pcs.shape[-1] == 2:
-        axes[0].set(title="factors, PC1 vs PC2 (valid trials)", xlabel="PC1", ylabel="PC2")
+            axes[0].plot(t, tr[:, 0], lw=0.8)
+    if pcs.shape[-1] >= 2:
+        axes[0].set(title=f"factors of {len(pcs)} valid trials, PC1 vs PC2", xlabel="PC1",
+                    ylabel="PC2")
     else:
-        axes[0].set(title="the factor, centred (valid trials)", xlabel="bin")
-    axes[1].plot(out["factors"][0])
-    axes[1].set(title="factors of valid trial 0", xlabel="bin")
+        axes[0].set(title="the factor, centred (valid trials)", xlabel="time (s)")
+    for k in range(pcs.shape[-1]):
+        axes[1].plot(t, pcs[0, :, k], label=f"PC{k + 1}")
+    axes[1].set(title="valid trial 0: top components of its factors", xlabel="time (s)",
+                ylabel="factor PC (a.u.)")
+    axes[1].legend(fontsize=8)
     save(fig, run_dir, f"factors{suffix}.png")
 
 
-def inputs(out, run_dir, trials=(0, 1, 2, 3), suffix=""):
+def inputs(out, run_dir, trials=(0, 1, 2, 3), suffix="", bin_s=1.0):
     if "co_means" not in out:
         return
     trials = [t for t in trials if t < len(out["co_means"])]
-    fig, axes = plt.subplots(1, len(trials), figsize=(3.3 * len(trials), 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(trials), figsize=(3.3 * len(trials), 2.8), squeeze=False,
+                             sharey=True)
     for ax, tr in zip(axes[0], trials):
-        ax.plot(out["co_means"][tr])
-        ax.set(title=f"inferred inputs, valid trial {tr}", xlabel="bin")
+        u = out["co_means"][tr]  # (T, U)
+        t = np.arange(len(u)) * bin_s
+        for k in range(u.shape[1]):
+            ax.plot(t, u[:, k], label=f"u{k + 1}")
+        ax.set(title=f"inferred inputs, valid trial {tr}", xlabel="time (s)")
+    axes[0][0].set_ylabel("posterior mean (a.u.)")
+    axes[0][-1].legend(fontsize=7)
     save(fig, run_dir, f"inputs{suffix}.png")
 
 
+def distinct_trials(true, k=3):
+    """k trials whose true rates differ most (greedy farthest points): trials of one condition
+    would draw the same line three times."""
+    flat = true.reshape(len(true), -1)
+    chosen = [0]
+    for _ in range(min(k, len(true)) - 1):
+        d = np.min([((flat - flat[c]) ** 2).sum(1) for c in chosen], axis=0)
+        chosen.append(int(np.argmax(d)))
+    return chosen
+
+
 def truth(session, out, run_dir, neurons=(0, 1, 2, -1), suffix=""):
-    """Inferred against true rates: all elements, and example neurons over time."""
-    true, pred = session.valid.truth, out["rates"]
+    """Inferred against true rates: all elements, and example neurons over time on three
+    validation trials of different conditions; rates in spikes/s."""
+    hz = 1.0 / session.bin_size
+    true, pred = session.valid.truth * hz, out["rates"] * hz
     mean_r2, pooled = r2(pred, true)
     fig, axes = plt.subplots(1, 1 + len(neurons), figsize=(3.4 * (1 + len(neurons)), 3.2))
     idx = np.random.default_rng(0).choice(true.size, min(true.size, 20000), replace=False)
     axes[0].scatter(true.flat[idx], pred.flat[idx], s=1, alpha=0.3)
     lim = [0, np.percentile(true, 99.5)]
     axes[0].plot(lim, lim, "k--", lw=0.8)
-    axes[0].set(xlim=lim, ylim=lim, xlabel="true rate (counts/bin)", ylabel="LFADS rate",
+    axes[0].set(xlim=lim, ylim=lim, xlabel="true rate (spikes/s)", ylabel="LFADS rate (spikes/s)",
                 title=f"valid R2 {mean_r2:.3f} (pooled {pooled:.3f})")
-    n_in = session.train.encod.shape[2]
+    n_in, t = session.train.encod.shape[2], np.arange(true.shape[1]) * session.bin_size
     for ax, n in zip(axes[1:], neurons):
         n = n % true.shape[2]
-        for tr, c in zip(range(min(3, len(true))), ("C0", "C1", "C2")):
-            ax.plot(true[tr, :, n], c, lw=1.5, alpha=0.5)
-            ax.plot(pred[tr, :, n], c + "--", lw=1)
+        for tr, c in zip(distinct_trials(true), ("C0", "C1", "C2")):
+            ax.plot(t, true[tr, :, n], c, lw=1.5, alpha=0.5)
+            ax.plot(t, pred[tr, :, n], c + "--", lw=1)
         kind = "held-out" if n >= n_in else "held-in"
-        ax.set(title=f"neuron {n} ({kind}): true -, LFADS --", xlabel="bin")
+        ax.set(title=f"neuron {n} ({kind}): true -, LFADS --", xlabel="time (s)",
+               ylabel="rate (spikes/s)")
     save(fig, run_dir, f"truth{suffix}.png")
 
 
@@ -130,8 +156,8 @@ def session_figures(run_dir, session, outputs, suffix=""):
     """One session's figures of its validation trials."""
     valid = outputs["valid"]
     spikes_and_rates(session, valid, run_dir, suffix=suffix)
-    factors(valid, run_dir, suffix=suffix)
-    inputs(valid, run_dir, suffix=suffix)
+    factors(valid, run_dir, suffix=suffix, bin_s=session.bin_size)
+    inputs(valid, run_dir, suffix=suffix, bin_s=session.bin_size)
     if session.valid.truth is not None:
         truth(session, valid, run_dir, suffix=suffix)
 
