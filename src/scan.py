@@ -8,13 +8,13 @@ needs; its backward loop is the chain rule written out; the weight gradients of 
 one matrix product each, after the loop. One step, forward or backward, is one function
 (`gru_step`, `gru_back`, `decode_step`, `decode_back`), and `fused` compiles each with
 torch.compile (on GPUs, or with --compile on), so that a step's elementwise arithmetic runs as
-one kernel.
-src/model.py reads as the equations and calls
+one kernel. src/model.py reads as the equations and calls
 
     gru_scan      D independent GRUs stepped together (the encoders' directions)
     decode_scan   controller -> inferred input -> generator -> factors, one bin at a time
 
-tests/test_scan.py checks both against autograd through the plain loop of src/reference.py.
+tests/test_scan.py checks both against autograd through their equations written out and
+against torch's GRU; tests/test_reference.py checks the whole model against src/reference.py.
 
 The GRU is torch.nn.GRU's (reset gate after the recurrent product), with hh = W_hh h + b_hh:
     r, z = sigmoid(x_r + hh_r), sigmoid(x_z + hh_z)    n = tanh(x_n + r hh_n)
@@ -50,10 +50,10 @@ def gate_back(q, h_new, h, rz, n, hh, clip: float):
     gradient where |h'| < clip (hardtanh's rule)."""
     H = h.shape[-1]
     q = aten.hardtanh_backward(q, h_new, -clip, clip)
-    z = rz[..., H:]
-    dn = aten.tanh_backward(q - q * z, n)  # (..., H)
+    qz = q * rz[..., H:]  # q z: the gradient h' passes straight to h
+    dn = aten.tanh_backward(q - qz, n)  # (..., H)
     d_rz = aten.sigmoid_backward(torch.cat([dn * hh[..., 2 * H :], q * (h - n)], -1), rz)
-    return torch.cat([d_rz, dn], -1), torch.cat([d_rz, dn * rz[..., :H]], -1), q * z
+    return torch.cat([d_rz, dn], -1), torch.cat([d_rz, dn * rz[..., :H]], -1), qz
 
 
 # -----------------------------------------------------------------------------
