@@ -139,26 +139,26 @@ def bidirectional_gru(input_size: int, hidden_size: int) -> nn.GRU:
 
 def bidirectional(grus: list, x) -> list:
     """The outputs of torch.nn.GRU(x) for each bidirectional GRU of `grus` over x (B, T, in),
-    (B, T, 2H) each, every direction stepped in one scan (src/scan.py): the backward ones read
-    x in reverse. Without a backward to follow (validation, inference) torch's own GRU is
-    faster: its steps loop in C++; float32 there too, out of any autocast."""
+    time first: (T, B, 2H) each, every direction stepped in one scan (src/scan.py), the
+    backward ones reading x in reverse. Without a backward to follow (validation, inference)
+    torch's own GRU is faster: its steps loop in C++; float32 there too, out of any
+    autocast."""
     if not torch.is_grad_enabled():
         with autocast_off(x.device):
-            return [g(x.float())[0] for g in grus]
+            return [g(x.float())[0].transpose(0, 1) for g in grus]
     H = grus[0].hidden_size
     if any(g.hidden_size != H for g in grus):
         return [out for g in grus for out in bidirectional([g], x)]
-    B, T, D = x.shape[0], x.shape[1], len(grus)
+    B, D = x.shape[0], len(grus)
     w = lambda name: [getattr(g, name) for g in grus]  # noqa: E731
-    fwd = F.linear(x, torch.cat(w("weight_ih_l0")), torch.cat(w("bias_ih_l0")))
-    bwd = F.linear(x.flip(1), torch.cat(w("weight_ih_l0_reverse")),
-                   torch.cat(w("bias_ih_l0_reverse")))
-    xs = torch.cat([fwd, bwd], 2).view(B, T, 2 * D, 3 * H).permute(1, 2, 0, 3)  # (T, 2D, B, 3H)
+    w_ih = torch.stack(w("weight_ih_l0") + w("weight_ih_l0_reverse"))  # (2D, 3H, in)
+    b_ih = torch.stack(w("bias_ih_l0") + w("bias_ih_l0_reverse"))  # (2D, 3H)
     w_hh = torch.stack(w("weight_hh_l0") + w("weight_hh_l0_reverse"))  # (2D, 3H, H)
     b_hh = torch.stack(w("bias_hh_l0") + w("bias_hh_l0_reverse"))[:, None]  # (2D, 1, 3H)
-    states = gru_scan(xs, x.new_zeros(2 * D, B, H), w_hh, b_hh)  # (T, 2D, B, H)
-    states = torch.cat([states[:, :D], states[:, D:].flip(0)], 3)  # (T, D, B, 2H)
-    return list(states.permute(1, 2, 0, 3).unbind(0))  # D x (B, T, 2H)
+    x = x.transpose(0, 1)  # (T, B, in)
+    x = torch.stack([x, x.flip(0)])  # (2, T, B, in): the backward directions read time flipped
+    states = gru_scan(x, w_ih, b_ih, x.new_zeros(2 * D, B, H), w_hh, b_hh)  # (2D, T, B, H)
+    return [torch.cat([states[i], states[D + i].flip(0)], 2) for i in range(D)]  # (T, B, 2H)
 
 
 # -----------------------------------------------------------------------------
@@ -252,7 +252,7 @@ class LFADS(nn.Module):
             cd_keep = torch.rand_like(x) >= cfg.cd_rate
             x = x * cd_keep / (1 - cfg.cd_rate)
         x = self.read_in(self.dropout(x))
-        ic_mean, ic_std, ci = self.encode(x)  # q(z | x), (B, ic_dim) each; (B, T_rec, 2 H_ci)
+        ic_mean, ic_std, ci = self.encode(x)  # q(z | x), (B, ic_dim) each; (T_rec, B, 2 H_ci)
         ic = ic_mean + ic_std * torch.randn_like(ic_std) if sample else ic_mean
         gens, facs, co_mean, co_std, u = self.generate(ic, ci, ext, sample)
         log_rates = self.read_out(facs)  # (B, T_rec, F) -> (B, T_rec, N)
@@ -269,27 +269,27 @@ class LFADS(nn.Module):
     def encode(self, x):
         """The encoders over x (B, T_enc, N_in): the IC posterior's mean and std (B, ic_dim)
         from the final states of the IC encoder's two directions, and the controller's inputs
-        (B, T_rec, 2 H_ci) (None without a controller)."""
+        (T_rec, B, 2 H_ci), time first (None without a controller)."""
         cfg = self.cfg
         grus = [self.ic_enc, self.ci_enc] if cfg.co_dim else [self.ic_enc]
-        states = bidirectional(grus, x)  # each (B, T_enc, 2 H)
+        states = bidirectional(grus, x)  # each (T_enc, B, 2 H)
         H = cfg.ic_enc_dim
-        h = self.dropout(torch.cat([states[0][:, -1, :H], states[0][:, 0, H:]], dim=1))
+        h = self.dropout(torch.cat([states[0][-1, :, :H], states[0][0, :, H:]], dim=1))
         mean, logvar = self.ic_post(h).chunk(2, dim=1)  # (B, ic_dim) each
         std = torch.sqrt(torch.exp(logvar) + cfg.ic_post_var_min)
         return mean, std, (self.lagged(states[1]) if cfg.co_dim else None)
 
     def lagged(self, states):
-        """Controller inputs, (B, T_rec, 2 H_ci): the CI encoder's forward half delayed and its
-        backward half advanced by ci_lag, so the controller never reads bin t's own spikes at
-        step t; zeros over forward prediction."""
+        """Controller inputs, (T_rec, B, 2 H_ci) from the CI encoder's states (T_enc, B, 2 H_ci):
+        the forward half delayed and the backward half advanced by ci_lag, so the controller
+        never reads bin t's own spikes at step t; zeros over forward prediction."""
         cfg, lag = self.cfg, self.cfg.ci_lag
         fwd, bwd = states[..., : cfg.ci_enc_dim], states[..., cfg.ci_enc_dim :]
         if lag > 0:
-            fwd = F.pad(fwd, (0, 0, lag, 0))[:, :-lag]  # the state of t - lag at t
-            bwd = F.pad(bwd, (0, 0, 0, lag))[:, lag:]  # the state of t + lag at t
+            fwd = F.pad(fwd, (0, 0, 0, 0, lag, 0))[:-lag]  # the state of t - lag at t
+            bwd = F.pad(bwd, (0, 0, 0, 0, 0, lag))[lag:]  # the state of t + lag at t
         ci = torch.cat([fwd, bwd], dim=2)
-        return F.pad(ci, (0, 0, 0, cfg.t_rec - cfg.t_enc))
+        return F.pad(ci, (0, 0, 0, 0, 0, cfg.t_rec - cfg.t_enc))
 
     # --- generator and controller ------------------------------------------------
 
@@ -311,17 +311,19 @@ class LFADS(nn.Module):
         g0 = self.ic_to_g0(ic).float()  # (B, H_gen), g_0: unclipped, as in the references
         w_fac = F.normalize(self.fac.weight, dim=1)  # (F, H_gen)
         keep_g = self.keep_mask(T + 1, B, cfg.gen_dim, device=g0.device)  # (T_rec + 1, B, H_gen)
+        if not U:  # an autonomous generator: one GRU, and the factors in one product
+            ext = g0.new_zeros(T, B, 0) if ext is None else ext.transpose(0, 1)  # (T, B, E)
+            gens = gru_scan(ext[None], self.gen.weight_ih[None], self.gen.bias_ih[None], g0[None],
+                            self.gen.weight_hh[None], self.gen.bias_hh.view(1, 1, -1),
+                            cfg.cell_clip)[0]
+            facs = F.linear(gens * keep_g[1:], w_fac)  # (T_rec, B, F)
+            return gens.transpose(0, 1), facs.transpose(0, 1), None, None, None
         w_u, w_ext = self.gen.weight_ih.split([U, cfg.ext_dim], dim=1)
         gen_x = self.gen.bias_ih.expand(T, B, -1)  # (T_rec, B, 3 H_gen): all but u_t's input
         if cfg.ext_dim:
             gen_x = gen_x + F.linear(ext.transpose(0, 1), w_ext)
-        if not U:  # an autonomous generator: one GRU, and the factors in one product
-            gens = gru_scan(gen_x[:, None], g0[None], self.gen.weight_hh[None],
-                            self.gen.bias_hh.view(1, 1, -1), cfg.cell_clip)[:, 0]
-            facs = F.linear(gens * keep_g[1:], w_fac)  # (T_rec, B, F)
-            return gens.transpose(0, 1), facs.transpose(0, 1), None, None, None
         w_ci, w_f = self.con.weight_ih.split([2 * cfg.ci_enc_dim, cfg.fac_dim], dim=1)
-        con_x = F.linear(self.dropout(ci).transpose(0, 1), w_ci, self.con.bias_ih)  # (T, B, 3H)
+        con_x = F.linear(self.dropout(ci), w_ci, self.con.bias_ih)  # (T_rec, B, 3 H_con)
         keep_f = self.keep_mask(T, B, cfg.fac_dim, device=g0.device)  # (T_rec, B, F)
         noise = torch.randn(T, B, U, device=g0.device) if sample else g0.new_zeros(T, B, U)
         outs = decode_scan(con_x, gen_x, self.con_h0.expand(B, -1), g0, self.con.weight_hh,

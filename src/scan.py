@@ -3,12 +3,14 @@
 Autograd records every small operation of every time step and replays each one backward:
 stepped that way, one LFADS training step is some 35,000 operations, and the CPU spends its
 time dispatching them (a GPU, launching kernels) instead of computing. Here each recurrence is
-one node of the autograd graph. Its forward loop runs unrecorded and keeps what the backward
-needs; its backward loop is the chain rule written out; the weight gradients of all steps are
-one matrix product each, after the loop. One step, forward or backward, is one function
-(`gru_step`, `gru_back`, `decode_step`, `decode_back`), and `fused` compiles each with
-torch.compile (on GPUs, or with --compile on), so that a step's elementwise arithmetic runs as
-one kernel. src/model.py reads as the equations and calls
+one node of the autograd graph. Its forward loop runs unrecorded and writes every step's
+values into buffers, one per quantity with a slice per step (no step allocates, and nothing
+is concatenated or stacked afterwards); its backward loop is the chain rule written out, into
+buffers too; the weight gradients of all steps are one matrix product each, after the loop.
+The buffers come from a pool that the next call reuses (see `take`). One step, forward or
+backward, is one function (`gru_step`, `gru_back`, `decode_step`, `decode_back`), and `fused`
+compiles each with torch.compile (on GPUs, or with --compile on), so that a step's elementwise
+arithmetic runs as one kernel. src/model.py reads as the equations and calls
 
     gru_scan      D independent GRUs stepped together (the encoders' directions)
     decode_scan   controller -> inferred input -> generator -> factors, one bin at a time
@@ -34,127 +36,175 @@ from src.utils import autocast_off
 
 aten = torch.ops.aten
 NO_CLIP = 1e30  # the encoders' GRUs: a clamp that never acts
+# is torch.compile tracing this call? (torch 2.1-2.2 cannot say: they compile the eager form,
+# fail, and run eagerly with a note)
+is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
-def gate(x, hh, h, clip: float):
+def gate(x, hh, h, clip: float, h_new, rz, n):
     """A GRU's new state from its input and recurrent projections x, hh (..., 3H) and state h
-    (..., H); also sigmoid([r, z]) and n, for the backward."""
+    (..., H), written into h_new; sigmoid([r, z]) and n, which the backward needs, into rz and
+    n (buffers of the scan: no step allocates)."""
     H = h.shape[-1]
-    rz = torch.sigmoid(x[..., : 2 * H] + hh[..., : 2 * H])  # (..., 2H)
-    n = torch.tanh(torch.addcmul(x[..., 2 * H :], rz[..., :H], hh[..., 2 * H :]))  # (..., H)
-    return torch.lerp(n, h, rz[..., H:]).clamp(-clip, clip), rz, n
+    torch.add(x[..., : 2 * H], hh[..., : 2 * H], out=rz).sigmoid_()  # (..., 2H)
+    torch.addcmul(x[..., 2 * H :], rz[..., :H], hh[..., 2 * H :], out=n).tanh_()  # (..., H)
+    torch.lerp(n, h, rz[..., H:], out=h_new)
+    if clip < NO_CLIP:
+        h_new.clamp_(-clip, clip)
 
 
-def gate_back(q, h_new, h, rz, n, hh, clip: float):
-    """The gradient of `gate`: q on h' -> (dx, dhh, dh's direct part). The clamp passes
-    gradient where |h'| < clip (hardtanh's rule)."""
+def gate_back(q, h_new, h, rz, n, hh, clip: float, dx, dhh):
+    """The gradient of `gate`: q on h' -> dx (..., 3H) on x and dhh on hh, written into those
+    buffers, and the direct part q z of h's, returned. The clamp passes gradient where
+    |h'| < clip (hardtanh's rule)."""
     H = h.shape[-1]
-    q = aten.hardtanh_backward(q, h_new, -clip, clip)
+    if clip < NO_CLIP:
+        q = aten.hardtanh_backward(q, h_new, -clip, clip)
     qz = q * rz[..., H:]  # q z: the gradient h' passes straight to h
-    dn = aten.tanh_backward(q - qz, n)  # (..., H)
-    d_rz = aten.sigmoid_backward(torch.cat([dn * hh[..., 2 * H :], q * (h - n)], -1), rz)
-    return torch.cat([d_rz, dn], -1), torch.cat([d_rz, dn * rz[..., :H]], -1), qz
+    if is_compiling():  # one fused kernel; it writes only whole tensors
+        dn = aten.tanh_backward(q - qz, n)  # (..., H)
+        d_rz = aten.sigmoid_backward(torch.cat([dn * hh[..., 2 * H :], q * (h - n)], -1), rz)
+        dx.copy_(torch.cat([d_rz, dn], -1))
+        dhh.copy_(torch.cat([d_rz, dn * rz[..., :H]], -1))
+        return qz
+    # eagerly, each part is written in place: a concatenation would be a pass more
+    dn = aten.tanh_backward.grad_input(q - qz, n, grad_input=dx[..., 2 * H :])  # (..., H)
+    torch.mul(dn, hh[..., 2 * H :], out=dhh[..., :H])  # dhh's first 2H: scratch until the copy
+    torch.mul(q, h - n, out=dhh[..., H : 2 * H])
+    aten.sigmoid_backward.grad_input(dhh[..., : 2 * H], rz, grad_input=dx[..., : 2 * H])
+    dhh[..., : 2 * H].copy_(dx[..., : 2 * H])
+    torch.mul(dn, rz[..., :H], out=dhh[..., 2 * H :])
+    return qz
 
 
 # -----------------------------------------------------------------------------
 # D independent GRUs
 
 
-def gru_step(x, t, h, w_t, b_hh, clip: float):
-    """Step t of D GRUs: x (T, D, B, 3H), h (D, B, H), w_t (D, H, 3H), b_hh (D, 1, 3H)."""
-    hh = torch.bmm(h, w_t) + b_hh  # (D, B, 3H)
-    h, rz, n = gate(x[t], hh, h, clip)
-    return h, rz, n, hh
+def gru_step(x, h, w_t, b_hh, clip: float, h_new, rz, n, hh):
+    """One step of D GRUs: x (D, B, 3H) its input projections, h (D, B, H); w_t (D, H, 3H),
+    b_hh (D, 1, 3H). Writes the new state into h_new, and rz, n and hh (D, B, .) for the
+    backward (each step's slices of the scan's buffers)."""
+    torch.baddbmm(b_hh, h, w_t, out=hh)  # (D, B, 3H)
+    gate(x, hh, h, clip, h_new, rz, n)
 
 
-def gru_back(dh, d_states, t, h_new, h, rz, n, hh, w_hh, clip: float):
-    """The gradient of step t: dh on h_t from later steps, d_states (T, D, B, H) on the states
-    returned -> (dx, dhh, dh on h_{t-1})."""
-    dx, dhh, dh = gate_back(dh + d_states[t], h_new, h, rz, n, hh, clip)
-    return dx, dhh, dh + torch.bmm(dhh, w_hh)  # (D, B, 3H), (D, B, 3H), (D, B, H)
+def gru_back(dh, d_state, h_new, h, rz, n, hh, w_hh, clip: float, dx, dhh):
+    """The gradient of one step: dh on h_new from later steps and d_state from the states
+    returned -> dh on h; dx and dhh (D, B, 3H) written into the step's slices of buffers."""
+    qz = gate_back(dh + d_state, h_new, h, rz, n, hh, clip, dx, dhh)
+    return torch.baddbmm(qz, dhh, w_hh)  # (D, B, H)
 
 
 class GRUScan(torch.autograd.Function):
-    """D GRUs over T steps. x: (T, D, B, 3H) input projections (bias included), h0: (D, B, H),
-    w_hh: (D, 3H, H), b_hh: (D, 1, 3H). Returns the states (T, D, B, H)."""
+    """D GRUs over T steps, in G groups that read one input each (the encoders: the forward
+    directions read x, the backward ones x flipped in time). x: (G, T, B, N); w_ih (D, 3H, N),
+    b_ih (D, 3H); h0: (D, B, H); w_hh: (D, 3H, H), b_hh: (D, 1, 3H). GRU d reads x[d // (D /
+    G)]. The input projections are the scan's too: their T-step outputs and gradients stay in
+    its buffers. Returns the states (D, T, B, H)."""
 
     @staticmethod
-    def forward(ctx, x, h0, w_hh, b_hh, clip, keep):
-        x, h0, w_hh, b_hh = inputs(x, h0, w_hh, b_hh)
-        hs, saved, w_t, step = [h0], [], w_hh.transpose(1, 2), fused(gru_step)  # w_t: (D, H, 3H)
+    def forward(ctx, x, w_ih, b_ih, h0, w_hh, b_hh, clip, keep):
+        x, w_ih, b_ih, h0, w_hh, b_hh = inputs(x, w_ih, b_ih, h0, w_hh, b_hh)
+        (G, T, B, N), (D, H) = x.shape, w_hh.shape[::2]
+        proj = take(h0, D, T, B, 3 * H)
+        for d in range(D):  # every step's input projection, W_ih x + b_ih: (T B, 3H)
+            torch.addmm(b_ih[d], x[d * G // D].reshape(T * B, N), w_ih[d].t(),
+                        out=proj[d].view(T * B, 3 * H))
+        s = [take(h0, T + 1, D, B, H)] + [take(h0, T, D, B, k * H) for k in (2, 1, 3)]
+        s[0][0] = h0
+        w_t, step = w_hh.transpose(1, 2), fused(gru_step, x.device)  # w_t: (D, H, 3H)
+        view, (hs, rz, n, hh) = steps(proj, 1), [steps(v) for v in s]
         with float32(x):
-            for t in range(x.shape[0]):
-                h, *rest = step(x, t, hs[-1], w_t, b_hh, clip)
-                hs.append(h), saved.append(rest if keep else None)
-        if keep:  # else nothing will ask for gradients (validation, inference): keep nothing
-            ctx.hs, ctx.saved, ctx.clip = hs, saved, clip  # never an output: no ref cycle
-            ctx.save_for_backward(w_hh)
-        return torch.stack(hs[1:])  # (T, D, B, H)
+            for t in range(T):
+                step(view[t], hs[t], w_t, b_hh, clip, hs[t + 1], rz[t], n[t], hh[t])
+        give_back(proj)
+        states = s[0][1:].transpose(0, 1).clone()  # (D, T, B, H): a copy, the buffers stay ours
+        if keep:  # else nothing will ask for gradients (validation, inference)
+            ctx.s, ctx.clip = s, clip  # buffers, not outputs: no reference cycle
+            ctx.save_for_backward(x, w_ih, w_hh)
+        else:
+            give_back(*s)
+        return states
 
     @staticmethod
     def backward(ctx, d_states):
-        (w_hh,) = ctx.saved_tensors
-        hs, dh, dxs, dhhs, back = ctx.hs, torch.zeros_like(ctx.hs[0]), [], [], fused(gru_back)
-        d_states = d_states.contiguous()
-        for t in range(len(ctx.saved) - 1, -1, -1):
-            dx, dhh, dh = back(dh, d_states, t, hs[t + 1], hs[t], *ctx.saved[t], w_hh, ctx.clip)
-            dxs.append(dx), dhhs.append(dhh)
-        dhh = torch.stack(dhhs[::-1], 1).flatten(1, 2)  # (D, T B, 3H)
-        h_prev = torch.stack(hs[:-1], 1).flatten(1, 2)  # (D, T B, H)
-        d_w = torch.bmm(dhh.transpose(1, 2), h_prev)  # (D, 3H, H): the sum over steps
-        return torch.stack(dxs[::-1]), dh, d_w, dhh.sum(1, keepdim=True), None, None
+        x, w_ih, w_hh = ctx.saved_tensors
+        s, back = ctx.s, fused(gru_back, w_hh.device)
+        hs, (G, T, B, N) = s[0], x.shape
+        D, H = hs.shape[1], hs.shape[-1]
+        ds = [take(hs, D, T, B, 3 * H), take(hs, D, T, B, 3 * H)]  # dx, dhh
+        dh, (h, rz, n, hh), (dx, dhh) = torch.zeros_like(hs[0]), [steps(v) for v in s], [
+            steps(v, 1) for v in ds]
+        d_states = d_states.unbind(1)
+        for t in range(T - 1, -1, -1):
+            dh = back(dh, d_states[t], h[t + 1], h[t], rz[t], n[t], hh[t], w_hh, ctx.clip, dx[t],
+                      dhh[t])
+        # the weights' gradients, each one product over all steps: (D, T B, .) operands
+        dx, dhh = (v.view(D, T * B, 3 * H) for v in ds)
+        h_prev = take(hs, D, T, B, H).copy_(hs[:-1].transpose(0, 1)).view(D, T * B, H)
+        d_w = torch.bmm(dhh.transpose(1, 2), h_prev)  # (D, 3H, H)
+        # (D, 3H, N); x^T dx, then transposed: the faster order for BLAS with T B rows
+        d_w_ih = torch.stack([(x[d * G // D].reshape(T * B, N).t() @ dx[d]).t()
+                              for d in range(D)])
+        d_x = None
+        if ctx.needs_input_grad[0]:  # (G, T, B, N): each group's GRUs' gradients, summed
+            d_x = torch.bmm(dx, w_ih).view(G, D // G, T, B, N).sum(1)
+        grads = d_x, d_w_ih, dx.sum(1), dh, d_w, dhh.sum(1, keepdim=True), None, None
+        give_back(*s, *ds, h_prev.view(D, T, B, H))
+        return grads
 
 
-def gru_scan(x, h0, w_hh, b_hh, clip: float = NO_CLIP):
-    return GRUScan.apply(x, h0, w_hh, b_hh, clip, needs_grad(x, h0, w_hh, b_hh))
+def gru_scan(x, w_ih, b_ih, h0, w_hh, b_hh, clip: float = NO_CLIP):
+    args = x, w_ih, b_ih, h0, w_hh, b_hh
+    return GRUScan.apply(*args, clip, needs_grad(*args))
 
 
 # -----------------------------------------------------------------------------
 # the controller and the generator
 
 
-def decode_step(x, t, f, c, g, w, clip: float, var_min: float):
-    """Step t of DecodeScan; x: its per-step inputs (con_x, gen_x, keep_f, keep_g, noise), w:
-    its weights, the matrices transposed. Returns the new c, g and f, then what the backward
-    needs."""
+def decode_step(x, v, w, clip: float, var_min: float):
+    """One step of DecodeScan. x: the step's inputs (con_x, gen_x, keep_f, keep_g, noise); v:
+    the step's slices of the scan's buffers (see `step_views`); w: the weights, the matrices
+    transposed. Writes the new c, g, f and what the backward needs into v."""
     w_con, b_con, w_cf, w_co, b_co, w_gu, w_gen, b_gen, w_fac = w
-    cx, gx, kf, kg, eps = x[0][t], x[1][t], x[2][t], x[3][t + 1], x[4][t]
-    f_in = f * kf  # the controller's dropout on the factors it reads
-    hh_c = torch.mm(c, w_con) + b_con  # (B, 3H_con)
-    c, rz_c, n_c = gate(cx + torch.mm(f_in, w_cf), hh_c, c, clip)
-    mean, logvar = (torch.mm(c, w_co) + b_co).chunk(2, dim=1)  # (B, U) each
-    std = torch.sqrt(torch.exp(logvar) + var_min)
-    u = mean + std * eps
-    hh_g = torch.mm(g, w_gen) + b_gen  # (B, 3H_gen)
-    g, rz_g, n_g = gate(gx + torch.mm(u, w_gu), hh_g, g, clip)
-    g_kept = g * kg
-    return c, g, torch.mm(g_kept, w_fac), (mean, std, u, f_in, g_kept), (rz_c, n_c, hh_c,
-                                                                          rz_g, n_g, hh_g)
+    cx, gx, kf, kg, eps = x
+    c, c_new, g, g_new, g_kept, f, f_new, f_in, co, std, u, gates_c, gates_g = v
+    U = u.shape[-1]
+    torch.mul(f, kf, out=f_in)  # the controller's dropout on the factors it reads
+    torch.addmm(b_con, c, w_con, out=gates_c[2])  # hh_c, (B, 3H_con)
+    gate(torch.addmm(cx, f_in, w_cf), gates_c[2], c, clip, c_new, *gates_c[:2])
+    torch.addmm(b_co, c_new, w_co, out=co)  # [mean, logvar], (B, 2U)
+    torch.exp(co[:, U:], out=std).add_(var_min).sqrt_()
+    torch.addcmul(co[:, :U], std, eps, out=u)  # u = mean + std noise
+    torch.addmm(b_gen, g, w_gen, out=gates_g[2])  # hh_g, (B, 3H_gen)
+    gate(torch.addmm(gx, u, w_gu), gates_g[2], g, clip, g_new, *gates_g[:2])
+    torch.mul(g_new, kg, out=g_kept)
+    torch.mm(g_kept, w_fac, out=f_new)
 
 
-def decode_back(df, dg, dc, d_out, t, h, saved, w, x, clip: float, var_min: float):
-    """The gradient of step t: from those of f_t (df), g_t (dg), c_t (dc) and of the scan's
-    outputs d_out = (g, f, mean, std, u; each (T, B, .), None where unused), to f_{t-1},
-    g_{t-1}, c_{t-1} and the step's products. h: (c_{t-1}, c_t, g_{t-1}, g_t); w: the weights
-    untransposed; x: (keep_f, keep_g, noise)."""
+def decode_back(dc, dg, d_out, v, dv, w, x, clip: float):
+    """The gradient of one step: from those of c_t (dc), g_t (dg) and of the scan's outputs at
+    t, d_out = (g, f, mean, std, u; each (B, .), None where unused), to c_{t-1} and g_{t-1};
+    the gradients of the step's products written into dv = (f_t, f_{t-1}, [mean, logvar], x_c,
+    hh_c, x_g, hh_g), the step's slices of buffers. v: (c_{t-1}, c_t, g_{t-1}, g_t, gates_c,
+    gates_g); w: the weights untransposed; x: (keep_f, keep_g, noise, d std / d logvar)."""
     w_con, w_cf, w_co, w_gu, w_gen, w_fac = w
-    d_g, d_f, d_mean, d_std, d_u = (None if d is None else d[t] for d in d_out)
-    kf, kg, eps = x[0][t], x[1][t + 1], x[2][t]
-    c_prev, c, g_prev, g = h
-    rz_c, n_c, hh_c, rz_g, n_g, hh_g, std = saved
-    df = plus(df, d_f)  # f_t's whole gradient: the loss's and the next controller's
-    dg = plus(dg, d_g) + torch.mm(df, w_fac) * kg
-    dx_g, dhh_g, dg = gate_back(dg, g, g_prev, rz_g, n_g, hh_g, clip)
+    c_prev, c, g_prev, g, gates_c, gates_g = v
+    df, df_prev, d_co, dx_c, dhh_c, dx_g, dhh_g = dv
+    d_g, d_f, d_mean, d_std, d_u = d_out
+    kf, kg, eps, dstd = x
+    if d_f is not None:
+        df.add_(d_f)  # f_t's whole gradient: the next controller's and the loss's
+    dg = torch.addcmul(plus(dg, d_g), torch.mm(df, w_fac), kg)
+    qz_g = gate_back(dg, g, g_prev, *gates_g, clip, dx_g, dhh_g)
     du = plus(torch.mm(dx_g, w_gu), d_u)  # (B, U)
-    dm = plus(du, d_mean)
-    # std = sqrt(exp(v) + var_min): d std / d v = exp(v) / 2 std = (std^2 - var_min) / 2 std
-    dv = plus(du * eps, d_std) * (std * std - var_min) / (2 * std)
-    d_co = torch.cat([dm, dv], dim=1)  # (B, 2U)
-    dc = dc + torch.mm(d_co, w_co)
-    dx_c, dhh_c, dc = gate_back(dc, c, c_prev, rz_c, n_c, hh_c, clip)
-    d_in = torch.mm(dx_c, w_cf) * kf  # on to f_{t-1}, through the dropout
-    dc, dg = dc + torch.mm(dhh_c, w_con), dg + torch.mm(dhh_g, w_gen)  # on to t - 1
-    return d_in, dg, dc, df, (dx_c, dx_g, dhh_c, dhh_g, d_co)
+    torch.cat([plus(du, d_mean), plus(du * eps, d_std) * dstd], 1, out=d_co)  # on to the mean,
+    dc = torch.addmm(dc, d_co, w_co)                                           # the logvar
+    qz_c = gate_back(dc, c, c_prev, *gates_c, clip, dx_c, dhh_c)
+    torch.mm(dx_c, w_cf, out=df_prev).mul_(kf)  # on to f_{t-1}, through the dropout
+    return torch.addmm(qz_c, dhh_c, w_con), torch.addmm(qz_g, dhh_g, w_gen)
 
 
 class DecodeScan(torch.autograd.Function):
@@ -177,45 +227,67 @@ class DecodeScan(torch.autograd.Function):
                 w_fac, keep_f, keep_g, noise, clip, var_min, keep):
         ctx.set_materialize_grads(False)
         x = inputs(con_x, gen_x, keep_f, keep_g, noise)
-        c, g, *w = inputs(c0, g0, w_con, b_con, w_cf, w_co, b_co, w_gu, w_gen, b_gen, w_fac)
-        ctx.clip, ctx.var_min, ctx.x = clip, var_min, x[2:]
+        c0, g0, *w = inputs(c0, g0, w_con, b_con, w_cf, w_co, b_co, w_gu, w_gen, b_gen, w_fac)
         ctx.save_for_backward(*(v for v in w if v.dim() == 2))  # w_con, w_cf, ..., w_fac
         w = [v.t() if v.dim() == 2 else v for v in w]
-        step, g_kept = fused(decode_step), [g * x[3][0]]  # g_t keep_g_t, t = 0..T
-        f = torch.mm(g_kept[0], w[-1])  # f_{-1}, (B, F)
-        cs, gs, outs, saved = [c], [g], [], []
+        (T, B, U), Hc, Hg, F = noise.shape, c0.shape[1], g0.shape[1], w_fac.shape[0]
+        new = lambda n, k: take(g0, n, B, k)  # noqa: E731
+        # every step's values, index t + 1 for step t's: c, g, g keep_g, f (f_{-1} at 0),
+        # then f keep_f, [mean, logvar], std, u, the controller's and the generator's gates
+        s = [new(T + 1, Hc), new(T + 1, Hg), new(T + 1, Hg), new(T + 1, F), new(T, F),
+             new(T, 2 * U), new(T, U), new(T, U), [new(T, k * Hc) for k in (2, 1, 3)],
+             [new(T, k * Hg) for k in (2, 1, 3)]]
+        s[0][0], s[1][0] = c0, g0
+        torch.mm(torch.mul(g0, x[3][0], out=s[2][0]), w[-1], out=s[3][0])  # f_{-1}
+        step = fused(decode_step, g0.device)
+        xs, v = [u.unbind(0) for u in x], [steps(u) for u in s[:8]] + [
+            [steps(u) for u in gates] for gates in s[8:]]
         with float32(con_x):
-            for t in range(x[0].shape[0]):
-                c, g, f, out, gates = step(x, t, f, c, g, w, clip, var_min)
-                cs.append(c), gs.append(g), outs.append((f, *out))
-                saved.append(gates if keep else None)
-        fs, means, stds, us, f_ins, g_kept[1:] = (list(v) for v in zip(*outs))
+            for t in range(T):
+                xt = (xs[0][t], xs[1][t], xs[2][t], xs[3][t + 1], xs[4][t])
+                step(xt, step_views(v, t), w, clip, var_min)
+        # copies, so the buffers stay the scan's
+        outs = tuple(v.clone() for v in (s[1][1:], s[3][1:], s[5][..., :U], s[6], s[7]))
         if keep:  # else nothing will ask for gradients: keep nothing
-            ctx.lists = cs, gs, g_kept, stds, us, f_ins, saved  # never an output: no ref cycle
-        return tuple(torch.stack(v) for v in (gs[1:], fs, means, stds, us))
+            # d std / d logvar = exp(logvar) / 2 std = (std^2 - var_min) / 2 std
+            ctx.x = (*x[2:], (s[6] * s[6] - var_min) / (2 * s[6]))
+            ctx.s, ctx.clip = s, clip  # buffers, not outputs: no reference cycle
+        else:
+            give_back(*s[:8], *s[8], *s[9])
+        return outs
 
     @staticmethod
     def backward(ctx, *d_out):
         w = ctx.saved_tensors
-        cs, gs, g_kept, stds, us, f_ins, saved = ctx.lists
-        T, back = len(saved), fused(decode_back)
-        d_out = [None if d is None else d.contiguous() for d in d_out]
-        df, dc, dg = torch.zeros_like(f_ins[0]), torch.zeros_like(cs[0]), torch.zeros_like(gs[0])
-        d_f, d_prods = [], []
+        s, clip = ctx.s, ctx.clip
+        c, g, g_kept, f, f_in, co, std, u, gates_c, gates_g = s
+        T, back = std.shape[0], fused(decode_back, std.device)
+        # gradients of f (index t + 1 for f_t), [mean, logvar], and x, hh of both GRUs
+        hh_c, hh_g = gates_c[2], gates_g[2]
+        ds = [take(f, *f.shape), take(co, *co.shape), torch.empty_like(hh_c),
+              take(hh_c, *hh_c.shape), torch.empty_like(hh_g), take(hh_g, *hh_g.shape)]
+        ds[0][T].zero_()
+        df, d_co, dx_c, dhh_c, dx_g, dhh_g = [u.unbind(0) if i in (2, 4) else steps(u)
+                                              for i, u in enumerate(ds)]  # dx: returned
+        c, g, gates_c, gates_g = steps(c), steps(g), [steps(u) for u in gates_c], [
+            steps(u) for u in gates_g]
+        dc, dg = torch.zeros_like(c[0]), torch.zeros_like(g[0])
+        keep_f, keep_g, noise, dstd = (u.unbind(0) for u in ctx.x)
+        d_out = [None if d is None else d.unbind(0) for d in d_out]
         for t in range(T - 1, -1, -1):
-            h = (cs[t], cs[t + 1], gs[t], gs[t + 1])
-            df, dg, dc, df_t, prods = back(df, dg, dc, d_out, t, h, (*saved[t], stds[t]), w,
-                                           ctx.x, ctx.clip, ctx.var_min)
-            d_f.append(df_t), d_prods.append(prods)
-        d_f.append(df)  # f_{-1} = W_fac (g_0 keep_g_0): its gradient reaches g_0 too
-        dg = torch.addcmul(dg, torch.mm(df, w[-1]), ctx.x[1][0])
-        d_con_x, d_gen_x, d_hh_c, d_hh_g, d_co = (torch.stack(v[::-1]) for v in zip(*d_prods))
-        cs, gs = torch.stack(cs), torch.stack(gs)  # (T + 1, B, H)
-        return (d_con_x, d_gen_x, dc, dg,
-                grad_w(d_hh_c, cs[:-1]), rows(d_hh_c).sum(0), grad_w(d_con_x, torch.stack(f_ins)),
-                grad_w(d_co, cs[1:]), rows(d_co).sum(0), grad_w(d_gen_x, torch.stack(us)),
-                grad_w(d_hh_g, gs[:-1]), rows(d_hh_g).sum(0),
-                grad_w(torch.stack(d_f[::-1]), torch.stack(g_kept)), *[None] * 6)
+            v = c[t], c[t + 1], g[t], g[t + 1], [u[t] for u in gates_c], [u[t] for u in gates_g]
+            dv = df[t + 1], df[t], d_co[t], dx_c[t], dhh_c[t], dx_g[t], dhh_g[t]
+            dc, dg = back(dc, dg, [None if d is None else d[t] for d in d_out], v, dv, w,
+                          (keep_f[t], keep_g[t + 1], noise[t], dstd[t]), clip)
+        df, d_co, dx_c, dhh_c, dx_g, dhh_g = ds
+        c, g, f_in, u = ctx.s[0], ctx.s[1], ctx.s[4], ctx.s[7]
+        dg = torch.addcmul(dg, torch.mm(df[0], w[-1]), ctx.x[1][0])  # f_{-1} reaches g_0 too
+        grads = (dx_c, dx_g, dc, dg,
+                 grad_w(dhh_c, c[:-1]), rows(dhh_c).sum(0), grad_w(dx_c, f_in),
+                 grad_w(d_co, c[1:]), rows(d_co).sum(0), grad_w(dx_g, u),
+                 grad_w(dhh_g, g[:-1]), rows(dhh_g).sum(0), grad_w(df, g_kept), *[None] * 6)
+        give_back(*ctx.s[:8], *ctx.s[8], *ctx.s[9], df, d_co, dhh_c, dhh_g)
+        return grads
 
 
 def decode_scan(*args):
@@ -227,9 +299,9 @@ def decode_scan(*args):
 
 
 def inputs(*xs):
-    """The tensors a scan steps through: unrecorded, float32, in a standard layout (a compiled
-    step is specialised to its inputs' layout and flags)."""
-    return [x.detach().to(torch.promote_types(x.dtype, torch.float32)).contiguous() for x in xs]
+    """The tensors a scan steps through: unrecorded, float32 (views stay views: a step reads
+    its slice of x wherever it lies)."""
+    return [x.detach().to(torch.promote_types(x.dtype, torch.float32)) for x in xs]
 
 
 def float32(x):
@@ -238,15 +310,55 @@ def float32(x):
     return autocast_off(x.device)
 
 
+# Every-step buffers that scans have given back, by (shape, dtype, device). A scan's buffers
+# are tens of MB; freed and allocated afresh at every training step, each costs the OS's page
+# faults again (docs/performance.md). A buffer returns here only when nothing outside the scan
+# can see it: the scans return copies, and a backward gives back what it has read.
+_pool: dict = {}
+
+
+def take(like, *shape):
+    """An uninitialised buffer of `shape`, dtype and device of `like`: one given back, or new."""
+    free = _pool.get((shape, like.dtype, like.device))
+    return free.pop() if free else like.new_empty(shape)
+
+
+def give_back(*buffers):
+    for b in buffers:
+        key = (tuple(b.shape), b.dtype, b.device)
+        _pool[key] = free = _pool.pop(key, [])  # moved last: the dict runs oldest use first
+        if len(free) < 4:  # a few per shape: training, the last batch, validation
+            free.append(b)
+    while len(_pool) > 32:  # the shapes of long ago (another model, another data set) go
+        _pool.pop(next(iter(_pool)))
+
+
+def steps(b, dim: int = 0) -> tuple:
+    """b's slices along dim, one per step, made once and kept on b: a buffer of the pool is
+    sliced at its first use, not at every call (each slice is an operation torch dispatches).
+    They share b's memory without being views of b, which would keep b alive through its own
+    attribute (a reference cycle that Python's collector cannot see)."""
+    cache = b.__dict__.setdefault("steps", {})
+    if dim not in cache:
+        store, new = b.untyped_storage(), lambda: torch.empty(0, dtype=b.dtype, device=b.device)
+        cache[dim] = tuple(new().set_(store, v.storage_offset(), v.shape, v.stride())
+                           for v in b.unbind(dim))
+    return cache[dim]
+
+
 def needs_grad(*xs) -> bool:
     """Will a backward pass follow? Only then do the scans keep every step's gates."""
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
                                            for x in xs)
 
 
-def steps(d, T: int) -> list:
-    """An output's gradient as T steps; None steps where the loss does not use the output."""
-    return [None] * T if d is None else d.unbind(0)
+def step_views(s, t: int) -> tuple:
+    """Step t's slices of DecodeScan's buffers (s: each buffer's `steps`): c_{t-1}, c_t,
+    g_{t-1}, g_t, g_t keep_g, f_{t-1}, f_t, then f keep_f, [mean, logvar], std, u, and the
+    gates of both GRUs at t."""
+    c, g, g_kept, f, f_in, co, std, u, gates_c, gates_g = s
+    return (c[t], c[t + 1], g[t], g[t + 1], g_kept[t + 1], f[t], f[t + 1], f_in[t], co[t],
+            std[t], u[t], [v[t] for v in gates_c], [v[t] for v in gates_g])
 
 
 def plus(a, b):
@@ -260,8 +372,9 @@ def rows(x):
 
 def grad_w(dy, x):
     """The gradient of a weight used at every step, y_t = W x_t, from dy and x (T, ..., .): the
-    sum over the steps of dy_t^T x_t, as one product."""
-    return torch.mm(rows(dy).t(), rows(x))
+    sum over the steps of dy_t^T x_t, as one product (x^T dy, transposed: BLAS is faster in
+    that order when x has few columns)."""
+    return torch.mm(rows(x).t(), rows(dy)).t()
 
 
 # -----------------------------------------------------------------------------
@@ -284,10 +397,12 @@ def compiling(device: torch.device) -> bool:
     return COMPILE["env"] and wanted and device.type in ("cpu", "cuda")
 
 
-def fused(fn):
+def fused(fn, device: torch.device):
     """`fn` compiled by torch.compile where `compiling` says so (its elementwise arithmetic
     fused into one kernel, its products left to the BLAS), else `fn` itself; `fn` itself from
     the first failure to compile on."""
+    if not compiling(device):
+        return fn
     if fn not in _compiled:
         _compiled[fn] = first_call(fn, torch.compile(fn, dynamic=True, fullgraph=True))
     return _compiled[fn]
@@ -299,7 +414,7 @@ def first_call(fn, compiled):
     state = {"done": False}
 
     def call(*args):
-        if not compiling(next(a.device for a in args if isinstance(a, torch.Tensor))):
+        if not COMPILE["env"]:  # an earlier step failed to compile
             return fn(*args)
         t0 = time.time()
         try:

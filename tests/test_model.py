@@ -30,8 +30,10 @@ def test_gru_step_matches_torch():
     torch.manual_seed(0)
     cell = torch.nn.GRUCell(5, 7)
     x, h = torch.randn(3, 5), torch.randn(3, 7)
-    ours, _, _ = gate(torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih),
-                      torch.nn.functional.linear(h, cell.weight_hh, cell.bias_hh), h, 1e30)
+    ours, rz, n = torch.empty(3, 7), torch.empty(3, 14), torch.empty(3, 7)  # written by gate
+    with torch.no_grad():  # the scans call it unrecorded
+        gate(torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih),
+             torch.nn.functional.linear(h, cell.weight_hh, cell.bias_hh), h, 1e30, ours, rz, n)
     torch.testing.assert_close(ours, cell(x, h))
 
 
@@ -42,7 +44,7 @@ def test_encoders_match_torch_bidirectional_gru():
     grus = [torch.nn.GRU(5, 6, batch_first=True, bidirectional=True) for _ in range(2)]
     x = torch.randn(3, 9, 5, requires_grad=True)
     w = torch.randn(3, 9, 12)
-    ours = bidirectional(grus, x)
+    ours = [o.transpose(0, 1) for o in bidirectional(grus, x)]  # time first -> batch first
     torch.autograd.backward([(o * w).sum() for o in ours])
     ours_grads = [x.grad.clone()] + [p.grad.clone() for g in grus for p in g.parameters()]
     x.grad = None
@@ -57,6 +59,7 @@ def test_encoders_match_torch_bidirectional_gru():
         torch.testing.assert_close(o, r)
     with torch.no_grad():  # without a backward the encoders are torch's GRU: the same states
         for o, r in zip(bidirectional(grus, x), ours):
+            o = o.transpose(0, 1)
             torch.testing.assert_close(o, r)
 
 
@@ -158,7 +161,7 @@ def test_controller_input_lag_hides_the_current_bin():
     t = 4
     y = x.clone()
     y[:, t] += 3.0
-    ci_x, ci_y = m.encode(x)[2], m.encode(y)[2]
+    ci_x, ci_y = (m.encode(v)[2].transpose(0, 1) for v in (x, y))  # (B, T_rec, 2 H_ci)
     assert ci_x.shape == (2, 13, 16)
     torch.testing.assert_close(ci_x[:, t], ci_y[:, t])  # bin t is invisible at step t
     assert not torch.allclose(ci_x[:, t + 1], ci_y[:, t + 1])  # forward half sees it at t + 1

@@ -76,9 +76,9 @@ def test_gru_scan_with_a_clamp_equals_torch_gru_cells():
     cell = torch.nn.GRUCell(4, 6).double()
     x = torch.randn(T, B, 4, dtype=torch.float64)
     h0 = (3 * torch.randn(B, 6, dtype=torch.float64)).requires_grad_()
-    proj = (x @ cell.weight_ih.T + cell.bias_ih).detach().requires_grad_()
-    ours = scan.gru_scan(proj[:, None], h0[None], cell.weight_hh[None],
-                         cell.bias_hh.view(1, 1, -1), 0.5)[:, 0]
+    x.requires_grad_()
+    ours = scan.gru_scan(x[None], cell.weight_ih[None], cell.bias_ih[None], h0[None],
+                         cell.weight_hh[None], cell.bias_hh.view(1, 1, -1), 0.5)[0]
     h, torch_states, plain = h0, [], []
     with torch.no_grad():
         for t in range(T):
@@ -86,12 +86,12 @@ def test_gru_scan_with_a_clamp_equals_torch_gru_cells():
             torch_states.append(h)
     h = h0
     for t in range(T):
-        h = gru(proj[t], h, cell.weight_hh, cell.bias_hh, 0.5)
+        h = gru(x[t] @ cell.weight_ih.T + cell.bias_ih, h, cell.weight_hh, cell.bias_hh, 0.5)
         plain.append(h)
     torch.testing.assert_close(ours, torch.stack(torch_states))
     assert (ours.abs() == 0.5).any()  # the clamp acts somewhere
     w = torch.randn(T, B, 6, dtype=torch.float64)
-    leaves = [h0, cell.weight_hh, cell.bias_hh, proj]
+    leaves = [h0, cell.weight_hh, cell.bias_hh, cell.weight_ih, cell.bias_ih, x]
     g_ours = torch.autograd.grad((ours * w).sum(), leaves)
     g_ref = torch.autograd.grad((torch.stack(plain) * w).sum(), leaves)
     for a, b in zip(g_ours, g_ref):
@@ -107,7 +107,8 @@ def test_compiled_steps_equal_the_eager_ones(monkeypatch):
         monkeypatch.setitem(scan.COMPILE, "setting", setting)
         outs = scan.decode_scan(*leaves, *consts, 0.6, 1e-4)
         grads = torch.autograd.grad(sum(o.sum() for o in outs), leaves)
-        enc = scan.gru_scan(leaves[0].detach()[:, None].repeat(1, 2, 1, 1).requires_grad_(),
+        enc = scan.gru_scan(leaves[0].detach()[None].requires_grad_(),
+                            torch.eye(3 * H_CON)[None].repeat(2, 1, 1), torch.zeros(2, 3 * H_CON),
                             torch.zeros(2, B, H_CON), leaves[4].detach()[None].repeat(2, 1, 1),
                             leaves[5].detach().view(1, 1, -1).repeat(2, 1, 1))
         results.append((outs, grads, enc))
@@ -133,3 +134,35 @@ def test_a_failed_compile_falls_back_to_eager_with_one_note(monkeypatch, capsys)
     err = capsys.readouterr().err
     assert err.count("note: torch.compile failed (RuntimeError: no C++ compiler)") == 1
     assert scan.COMPILE["env"] is False  # no second try in this process
+
+
+def test_buffers_outlive_no_call_and_outputs_are_copies():
+    # a forward whose backward never runs leaves nothing behind once its outputs go (the
+    # buffers live on the autograd node); a later call reusing pooled buffers leaves earlier
+    # outputs as they were
+    import gc
+    import weakref
+
+    leaves, consts = decode_inputs(dtype=torch.float32)
+    outs = scan.decode_scan(*leaves, *consts, 0.6, 1e-4)
+    bufs = [weakref.ref(b) for b in outs[0].grad_fn.s[:8]]
+    del outs
+    gc.collect()
+    assert all(r() is None for r in bufs)
+    with torch.no_grad():
+        first = scan.decode_scan(*leaves, *consts, 0.6, 1e-4)
+        kept = [o.clone() for o in first]
+        second = scan.decode_scan(*[x * 2 for x in leaves], *consts, 0.6, 1e-4)
+    for a, b in zip(first, kept):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(first[1], second[1])
+
+
+def test_pool_keeps_few_buffers_of_few_shapes(monkeypatch):
+    monkeypatch.setattr(scan, "_pool", {})
+    for n in range(40):
+        scan.give_back(*(torch.empty(n + 1, 3) for _ in range(6)))
+    assert len(scan._pool) == 32 and all(len(v) == 4 for v in scan._pool.values())
+    assert (1, 3) not in {k[0] for k in scan._pool}  # the oldest shapes went first
+    b = scan._pool[((40, 3), torch.float32, torch.device("cpu"))][-1]
+    assert scan.take(torch.empty(0), 40, 3) is b  # a buffer of that shape, given back
