@@ -329,7 +329,9 @@ def give_back(*buffers):
         _pool[key] = free = _pool.pop(key, [])  # moved last: the dict runs oldest use first
         if len(free) < 4:  # a few per shape: training, the last batch, validation
             free.append(b)
-    while len(_pool) > 32:  # the shapes of long ago (another model, another data set) go
+    # the shapes of long ago (another model, other data, inference in other batch sizes) go
+    while len(_pool) > 32 or len(_pool) > 1 and sum(
+            b.numel() * b.element_size() for free in _pool.values() for b in free) > 2**30:
         _pool.pop(next(iter(_pool)))
 
 

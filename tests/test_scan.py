@@ -166,3 +166,8 @@ def test_pool_keeps_few_buffers_of_few_shapes(monkeypatch):
     assert (1, 3) not in {k[0] for k in scan._pool}  # the oldest shapes went first
     b = scan._pool[((40, 3), torch.float32, torch.device("cpu"))][-1]
     assert scan.take(torch.empty(0), 40, 3) is b  # a buffer of that shape, given back
+    scan._pool.clear()  # at most 1 GB in all (torch.empty touches no memory)
+    scan.give_back(torch.empty(2**26), torch.empty(2**26), torch.empty(2**27))  # 1 GB: kept
+    assert [(k[0], len(v)) for k, v in scan._pool.items()] == [((2**26,), 2), ((2**27,), 1)]
+    scan.give_back(torch.empty(2**26))  # 1.25 GB: the shape used longest ago goes
+    assert [(k[0], len(v)) for k, v in scan._pool.items()] == [((2**26,), 3)]
