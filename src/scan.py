@@ -267,26 +267,26 @@ class DecodeScan(torch.autograd.Function):
         ds = [take(f, *f.shape), take(co, *co.shape), torch.empty_like(hh_c),
               take(hh_c, *hh_c.shape), torch.empty_like(hh_g), take(hh_g, *hh_g.shape)]
         ds[0][T].zero_()
-        df, d_co, dx_c, dhh_c, dx_g, dhh_g = [u.unbind(0) if i in (2, 4) else steps(u)
-                                              for i, u in enumerate(ds)]  # dx: returned
-        c, g, gates_c, gates_g = steps(c), steps(g), [steps(u) for u in gates_c], [
-            steps(u) for u in gates_g]
-        dc, dg = torch.zeros_like(c[0]), torch.zeros_like(g[0])
-        keep_f, keep_g, noise, dstd = (u.unbind(0) for u in ctx.x)
+        # every step's slices: of the gradients' buffers (dx_c, dx_g are returned: not cut
+        # once and kept) and of the forward's
+        d_steps = [v.unbind(0) if i in (2, 4) else steps(v) for i, v in enumerate(ds)]
+        c_t, g_t = steps(c), steps(g)
+        gates_t = [list(zip(*(steps(v) for v in gates))) for gates in (gates_c, gates_g)]
+        keep_f, keep_g, noise, dstd = (v.unbind(0) for v in ctx.x)
         d_out = [None if d is None else d.unbind(0) for d in d_out]
+        dc, dg = torch.zeros_like(c[0]), torch.zeros_like(g[0])
         for t in range(T - 1, -1, -1):
-            v = c[t], c[t + 1], g[t], g[t + 1], [u[t] for u in gates_c], [u[t] for u in gates_g]
-            dv = df[t + 1], df[t], d_co[t], dx_c[t], dhh_c[t], dx_g[t], dhh_g[t]
-            dc, dg = back(dc, dg, [None if d is None else d[t] for d in d_out], v, dv, w,
+            h = c_t[t], c_t[t + 1], g_t[t], g_t[t + 1], gates_t[0][t], gates_t[1][t]
+            dv = d_steps[0][t + 1], *(d[t] for d in d_steps)
+            dc, dg = back(dc, dg, [None if d is None else d[t] for d in d_out], h, dv, w,
                           (keep_f[t], keep_g[t + 1], noise[t], dstd[t]), clip)
         df, d_co, dx_c, dhh_c, dx_g, dhh_g = ds
-        c, g, f_in, u = ctx.s[0], ctx.s[1], ctx.s[4], ctx.s[7]
         dg = torch.addcmul(dg, torch.mm(df[0], w[-1]), ctx.x[1][0])  # f_{-1} reaches g_0 too
         grads = (dx_c, dx_g, dc, dg,
                  grad_w(dhh_c, c[:-1]), rows(dhh_c).sum(0), grad_w(dx_c, f_in),
                  grad_w(d_co, c[1:]), rows(d_co).sum(0), grad_w(dx_g, u),
                  grad_w(dhh_g, g[:-1]), rows(dhh_g).sum(0), grad_w(df, g_kept), *[None] * 6)
-        give_back(*ctx.s[:8], *ctx.s[8], *ctx.s[9], df, d_co, dhh_c, dhh_g)
+        give_back(*s[:8], *gates_c, *gates_g, df, d_co, dhh_c, dhh_g)
         return grads
 
 
